@@ -1,0 +1,370 @@
+"""Typed settings, loaded from YAML and validated: a typo is one sentence, not a traceback.
+
+The dataclass defaults are the default run (`threefactor train` with no arguments): a small
+convolutional DECOLLE network on the embedded motion dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class LayerConfig:
+    type: Literal["conv", "dense"] = "conv"
+    channels: int = 16  # output channels (conv) or units (dense)
+    kernel: int = 5
+    pool: int = 1
+    padding: int | None = None  # None: "same" padding, kernel // 2
+
+
+@dataclass
+class NeuronConfig:
+    alpha: float = 0.97
+    beta: float = 0.92
+    gamma: float = 0.65
+    rho: float = 1.0
+    ordering: Literal["current", "lagged"] = "current"
+
+
+@dataclass
+class NetworkConfig:
+    layers: list[LayerConfig] = field(
+        default_factory=lambda: [
+            LayerConfig("conv", 16, 5, 2),
+            LayerConfig("conv", 32, 5, 2),
+            LayerConfig("conv", 32, 3, 1),
+        ]
+    )
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    surrogate: Literal["boxcar", "fast_sigmoid", "sigmoid"] = "boxcar"
+    readout_scale: float = 0.5
+    feedback_alignment: bool = False
+    dropout: float = 0.0  # on the path into each readout only
+    init: Literal["lsuv", "default"] = "lsuv"
+    init_target_mean: float = 0.0  # LSUV: shift biases until mean U is within 0.2 of this
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["embedded"] = "embedded"
+    n_train: int = 800
+    n_test: int = 240
+    timesteps: int = 60  # 1 ms bins
+    seed: int = 1234
+    speed: float = 0.6  # pixels per ms at the typical radius
+    contrast: float = 0.5  # std of the texture's log intensity
+    threshold: float = 0.2  # pixel contrast threshold (log intensity)
+    noise_rate_hz: float = 2.0  # background events per pixel per second
+
+
+@dataclass
+class RuleConfig:
+    name: Literal["decolle"] = "decolle"
+    loss: Literal["smooth_l1", "mse", "cross_entropy"] = "smooth_l1"
+    reg1: float = 0.0  # lambda1 <[U + 0.01]+>: keeps U below threshold on average
+    reg2: float = 0.0  # lambda2 [0.1 - <U>]+: keeps each layer from going silent
+    burn_in: int = 10  # steps without updates at the start of every sequence
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamax", "adam", "sgd"] = "adamax"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.0, 0.95)
+    layer_lr_scale: list[float] | None = None  # one multiplier per layer
+    lr_decay_every: int = 0  # epochs; 0 = constant
+    lr_decay_factor: float = 5.0  # lr is divided by this every lr_decay_every epochs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- loading and validation ------------------------------------------------------------
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list ({_type_name(typing.get_args(tp)[0])})"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(
+            f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}"
+        )
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError:
+                continue
+        raise bad()
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}.{i}", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(items)} numbers, got {value!r}")
+        return tuple(_convert(v, t, f"{key}.{i}", source) for i, (v, t) in enumerate(zip(value, items)))
+    if tp is type(None):
+        if value is not None:
+            raise bad()
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # a schema bug, not a user error
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(
+                f"{source}: unknown key '{full}'{hint}; valid keys in {where}: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of keys to values")
+    cfg = _build(Config, data, "", source)
+    check(cfg, source)
+    return cfg
+
+
+def check(cfg: Config, source: str = "config") -> None:
+    """Value constraints that types alone do not express."""
+    positive = {
+        "data.n_train": cfg.data.n_train, "data.n_test": cfg.data.n_test,
+        "data.timesteps": cfg.data.timesteps, "train.batch_size": cfg.train.batch_size,
+        "train.eval_batch_size": cfg.train.eval_batch_size, "optim.lr": cfg.optim.lr,
+        "data.threshold": cfg.data.threshold,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{source}: '{key}' must be > 0, got {value}")
+    for key, value in (("network.neuron.alpha", cfg.network.neuron.alpha),
+                       ("network.neuron.beta", cfg.network.neuron.beta),
+                       ("network.neuron.gamma", cfg.network.neuron.gamma)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{source}: '{key}' is a decay per step and must be in [0, 1), got {value}")
+    if not 0 <= cfg.network.dropout < 1:
+        raise ConfigError(f"{source}: 'network.dropout' must be in [0, 1), got {cfg.network.dropout}")
+    if not 0 <= cfg.rule.burn_in < cfg.data.timesteps:
+        raise ConfigError(
+            f"{source}: 'rule.burn_in' ({cfg.rule.burn_in}) must be in [0, data.timesteps = "
+            f"{cfg.data.timesteps})"
+        )
+    if cfg.train.epochs < 0:
+        raise ConfigError(f"{source}: 'train.epochs' must be >= 0, got {cfg.train.epochs}")
+    if not cfg.network.layers:
+        raise ConfigError(f"{source}: 'network.layers' must list at least one layer")
+    for i, layer in enumerate(cfg.network.layers):
+        if layer.channels < 1 or layer.kernel < 1 or layer.pool < 1:
+            raise ConfigError(f"{source}: 'network.layers.{i}' needs channels, kernel and pool >= 1")
+    scales = cfg.optim.layer_lr_scale
+    if scales is not None and len(scales) != len(cfg.network.layers):
+        raise ConfigError(
+            f"{source}: 'optim.layer_lr_scale' has {len(scales)} entries for "
+            f"{len(cfg.network.layers)} layers"
+        )
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, for example optim.lr=0.002")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(part, node, key)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(last, node, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {assignment!r}: '{'.'.join(parts[:-1])}' is not a mapping")
+
+
+def _index(part: str, node: list, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: '{part}' is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def load_config(path_or_preset: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then a YAML file or a preset name, then ``key=value`` overrides."""
+    data: dict = dataclasses.asdict(Config())
+    source = "defaults"
+    if path_or_preset is not None:
+        path = Path(path_or_preset)
+        if not path.exists() and (PRESET_DIR / f"{path_or_preset}.yaml").exists():
+            path = PRESET_DIR / f"{path_or_preset}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"config {str(path_or_preset)!r} is neither a file nor a preset; presets: "
+                f"{', '.join(presets()) or 'none'}"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+        source = str(path)
+        _check_keys(loaded, Config, "", source)
+        data = _merge(data, loaded)
+    for assignment in overrides:
+        # Validate the key before merging so a typo names the key, not a later symptom.
+        key = assignment.partition("=")[0]
+        _check_path(key.split("."), source=f"--set {assignment}")
+        apply_override(data, assignment)
+        source = "config with --set overrides"
+    return config_from_dict(data, source)
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(data: dict, cls: type, prefix: str, source: str) -> None:
+    _build_names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in _build_names:
+            _build(cls, {key: value}, prefix, source)  # raises the unknown-key error
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
+            _check_keys(value, hints[key], full, source)
+
+
+def _check_path(parts: list[str], source: str) -> None:
+    tp: Any = Config
+    prefix = ""
+    for part in parts:
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+            prefix = f"{prefix}.{part}"
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{source}: '{prefix}' has no sub-keys")
+        _check_keys({part: None}, tp, prefix, source)
+        tp = typing.get_type_hints(tp)[part]
+        prefix = f"{prefix}.{part}" if prefix else part
+
+
+def to_dict(cfg: Config) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
