@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string; accept it where a number is expected.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -65,7 +69,8 @@ class DataConfig:
     timesteps: int = 60  # 1 ms bins
     seed: int = 1234
     speed: float = 0.6  # pixels per ms at the typical radius
-    contrast: float = 0.5  # std of the texture's log intensity
+    contrast: float = 1.0  # peak log-intensity change of a dot (bright or dark)
+    dots_per_view: float = 8.0  # mean number of dots in the 32 x 32 view
     threshold: float = 0.2  # pixel contrast threshold (log intensity)
     noise_rate_hz: float = 2.0  # background events per pixel per second
 
@@ -176,6 +181,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad()
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
         return float(value)
@@ -241,6 +248,20 @@ def check(cfg: Config, source: str = "config") -> None:
     for i, layer in enumerate(cfg.network.layers):
         if layer.channels < 1 or layer.kernel < 1 or layer.pool < 1:
             raise ConfigError(f"{source}: 'network.layers.{i}' needs channels, kernel and pool >= 1")
+    o = cfg.optim
+    if not o.lr_decay_factor > 0:
+        raise ConfigError(f"{source}: 'optim.lr_decay_factor' must be > 0, got {o.lr_decay_factor}")
+    if o.lr_decay_every < 0:
+        raise ConfigError(f"{source}: 'optim.lr_decay_every' must be >= 0, got {o.lr_decay_every}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"{source}: 'optim.betas' must both be in [0, 1), got {list(o.betas)}")
+    if o.layer_lr_scale is not None and not all(s > 0 for s in o.layer_lr_scale):
+        raise ConfigError(f"{source}: 'optim.layer_lr_scale' entries must be > 0, got {o.layer_lr_scale}")
+    if cfg.data.noise_rate_hz < 0:
+        raise ConfigError(f"{source}: 'data.noise_rate_hz' must be >= 0, got {cfg.data.noise_rate_hz}")
+    for i, layer in enumerate(cfg.network.layers):
+        if layer.padding is not None and layer.padding < 0:
+            raise ConfigError(f"{source}: 'network.layers.{i}.padding' must be >= 0 or null, got {layer.padding}")
     scales = cfg.optim.layer_lr_scale
     if scales is not None and len(scales) != len(cfg.network.layers):
         raise ConfigError(

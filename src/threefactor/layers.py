@@ -40,7 +40,8 @@ class DecolleLayer(nn.Module):
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of S for one sample (no batch) given one sample's input shape."""
         with torch.no_grad():
-            x = self._flat(torch.zeros((1, *input_shape), device=self.synapse.weight.device))
+            w = self.synapse.weight
+            x = self._flat(torch.zeros((1, *input_shape), device=w.device, dtype=w.dtype))
             u = self.synapse(x)
             if self.pool is not None:
                 u = self.pool(u)

@@ -78,7 +78,10 @@ def build_network(
             pool = 1
         _reset(synapse, gen)
         layer = DecolleLayer(synapse, params, pool, cfg.surrogate)
-        shape = layer.output_shape(shape)
+        try:
+            shape = layer.output_shape(shape)
+        except RuntimeError:  # torch refuses a pooling / kernel larger than its input
+            raise ValueError(f"network.layers.{i}: output shape of input {shape} is empty; reduce pooling or kernel") from None
         if min(shape) < 1:
             raise ValueError(f"network.layers.{i}: output shape {shape} is empty; reduce pooling")
         layers.append(layer)

@@ -60,6 +60,7 @@ def load_data(cfg: Config) -> tuple[FrameData, FrameData]:
     d = cfg.data
     spec = MotionSpec(
         timesteps=d.timesteps, speed=d.speed, contrast=d.contrast,
+        dots_per_view=d.dots_per_view,
         pixel=PixelModel(threshold=d.threshold, noise_rate_hz=d.noise_rate_hz),
     )
     train = MotionDataset("train", d.n_train, d.seed, spec)
@@ -175,7 +176,10 @@ def train(
         f"({time.perf_counter() - t_start:.1f} s); device: {device}"
     )
 
-    network = build_network(cfg.network, train_data.input_shape, len(train_data.classes), cfg.seed)
+    try:
+        network = build_network(cfg.network, train_data.input_shape, len(train_data.classes), cfg.seed)
+    except ValueError as err:
+        raise RunError(f"cannot build the network: {err}") from None
     network.to(device)
     if cfg.network.init == "lsuv":
         sample = train_data.frames[: min(64, len(train_data.labels))].to(device, torch.float32)

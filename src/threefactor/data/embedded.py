@@ -2,7 +2,7 @@
 
 Eight classes come in four time-reversed pairs: translation right/left and up/down, rotation
 counter-clockwise/clockwise, expansion/contraction. Every sample shows a fresh random texture
-whose log intensity is symmetric in sign (bright and dark features alike). Playing a
+of bright and dark dots, symmetric in sign. Playing a
 recording backwards turns each class into its partner and swaps ON and OFF events; since the
 texture distribution is unchanged by contrast inversion, the *time-summed* event-count images
 of the two classes of a pair have the same distribution. A classifier that sees only those
@@ -37,21 +37,27 @@ class MotionSpec:
 
     timesteps: int = 60
     speed: float = 0.6
-    contrast: float = 0.5
-    correlation_px: float = 2.0
+    contrast: float = 1.0  # peak log-intensity change of a dot (bright +, dark -)
+    dots_per_view: float = 8.0  # mean number of dots in the 32 x 32 view
+    dot_sigma_px: float = 1.2
     pixel: PixelModel = PixelModel(threshold=0.2, noise_rate_hz=2.0)
 
 
 def _textures(n: int, gen: torch.Generator, spec: MotionSpec) -> torch.Tensor:
-    """n random textures (n, 1, C, C): Gaussian-filtered white noise, zero mean, std = contrast."""
-    noise = torch.randn(n, _CANVAS, _CANVAS, generator=gen)
+    """n random dot textures (n, 1, C, C) in log intensity: bright and dark Gaussian dots.
+
+    Sparse dots (rather than dense noise) leave clean trace "comets" behind them whose tails
+    point against the motion; dense textures blur them into each other.
+    """
+    density = spec.dots_per_view / (32 * 32)
+    impulses = (torch.rand(n, _CANVAS, _CANVAS, generator=gen) < density).float()
+    signs = torch.randint(0, 2, (n, _CANVAS, _CANVAS), generator=gen).float() * 2 - 1
     freqs = torch.fft.fftfreq(_CANVAS)
     f2 = freqs[:, None] ** 2 + freqs[None, :] ** 2
-    kernel = torch.exp(-2 * (math.pi * spec.correlation_px) ** 2 * f2)
-    tex = torch.fft.ifft2(torch.fft.fft2(noise) * kernel).real
-    tex = tex - tex.mean(dim=(1, 2), keepdim=True)
-    tex = tex / tex.std(dim=(1, 2), keepdim=True) * spec.contrast
-    return tex[:, None]
+    sigma = spec.dot_sigma_px
+    kernel = torch.exp(-2 * (math.pi * sigma) ** 2 * f2) * (2 * math.pi * sigma**2)  # peak 1
+    tex = torch.fft.ifft2(torch.fft.fft2(impulses * signs) * kernel).real
+    return (tex * spec.contrast)[:, None]
 
 
 def _sampling_grid(labels: torch.Tensor, gen: torch.Generator, spec: MotionSpec) -> torch.Tensor:
