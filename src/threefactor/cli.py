@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config, presets
+from .export.nir_export import NIRError, add_export_arguments, export_cli
 
 
 def _train(args: argparse.Namespace) -> int:
     from .config import dump_config
     from .train import RunError, train
 
+    if args.resume is not None:
+        return _resume(args)
     overrides = list(args.set or [])
     if args.device is not None:
         overrides.append(f"device={args.device}")
@@ -31,6 +34,50 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    """`train --resume RUN_DIR`: continue a run with its own config.yaml."""
+    from .config import dump_config
+    from .train import RunError, train
+
+    run = Path(args.resume)
+    given = [flag for flag, value in (("--config", args.config), ("--set", args.set),
+                                      ("--seed", args.seed)) if value]
+    if args.out is not None and Path(args.out).resolve() != run.resolve():
+        given.append("--out")
+    if given:
+        raise RunError(
+            f"--resume continues {run} with the settings in its config.yaml, so it cannot be "
+            f"combined with {' or '.join(given)} (only --device may be given)"
+        )
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"{run}: not a run directory (no config.yaml there) to resume")
+    cfg = load_config(run / "config.yaml", [f"device={args.device}"] if args.device else [])
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    print(f"resuming run directory: {run}")
+    summary = train(cfg, run, resume=True)
+    accs = " ".join(f"{k} {v:.3f}" for k, v in summary["test_accuracy"].items())
+    print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {run}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    paths = plot_run(args.run_dir)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demos import run_regression
+
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("regression-%Y%m%d-%H%M%S")
+    run_regression(out, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threefactor", description="Online, local learning in spiking neural networks."
@@ -44,7 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--seed", type=int, help="random seed of the run (network init, data order)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint, with its own config.yaml")
     p.set_defaults(func=_train)
+    p = sub.add_parser("export", help="write a trained network to NIR (exact or portable)")
+    add_export_arguments(p)
+    p.set_defaults(func=export_cli)
+    p = sub.add_parser("plot", help="(re)draw the plots of a finished or running run into RUN_DIR/plots")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.yaml, checkpoint.pt, metrics.jsonl)")
+    p.set_defaults(func=_plot)
+    p = sub.add_parser("demo", help="small demonstrations of the paper (regression: Sec. 3.1, Fig. 1)")
+    p.add_argument("name", choices=["regression"], help="which demo")
+    p.add_argument("--out", help="output directory (default: runs/regression-<date-time>)")
+    p.add_argument("--epochs", type=int, default=None, help="presentations of the input (default: the demo's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (input spike train, weights)")
+    p.set_defaults(func=_demo)
     return parser
 
 
@@ -54,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RunError) as err:
+    except (ConfigError, RunError, NIRError) as err:
         print(f"threefactor: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("threefactor: interrupted; the run directory keeps the last completed epoch",
-              file=sys.stderr)
+        print("threefactor: interrupted; the run directory keeps its last checkpoint "
+              "(continue with threefactor train --resume RUN_DIR)", file=sys.stderr)
         return 130
 
 

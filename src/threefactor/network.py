@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import NetworkConfig
-from .layers import DecolleLayer, LocalReadout
-from .neurons import DecolleParams, DecolleState, detach_state
+from .layers import DecolleLayer, LIFLayer, LocalReadout
+from .neurons import DecolleParams, DecolleState, LIFParams, LIFState, detach_lif_state, detach_state
 
 
 class NetworkOutput(NamedTuple):
@@ -60,6 +60,8 @@ def build_network(
     seed: int = 0,
 ) -> DecolleNetwork:
     """The network of ``cfg`` for one sample's input shape, e.g. (2, 32, 32)."""
+    if cfg.neuron_model == "lif":  # soft-reset LIF neurons (S-TLLR); see build_lif_network
+        return build_lif_network(cfg, input_shape, n_classes, seed)
     gen = torch.Generator().manual_seed(seed)
     params = DecolleParams(**vars(cfg.neuron))
     layers, readouts = [], []
@@ -150,3 +152,88 @@ def lsuv_init(
         stats.append(membrane_stats(i))
     network.train(was_training)
     return stats
+
+
+# --- the same stack with soft-reset LIF neurons (S-TLLR; BPTT on the same network) ---------
+
+
+class LIFNetwork(nn.Module):
+    """LIF layers feeding forward, each with its fixed local readout (same interface as
+    ``DecolleNetwork``: ``forward(x, state, detach) -> (NetworkOutput, state)``).
+
+    ``NetworkOutput.spikes`` are the layers' outputs (after pooling), ``membranes`` the
+    neurons' u, ``readouts`` Y = G dropout(output).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LIFLayer],
+        readouts: Sequence[LocalReadout],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(layers) != len(readouts):
+            raise ValueError(f"{len(layers)} layers but {len(readouts)} readouts")
+        self.layers = nn.ModuleList(layers)
+        self.readouts = nn.ModuleList(readouts)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, state: tuple[LIFState, ...] | None = None, detach: bool = True
+    ) -> tuple[NetworkOutput, tuple[LIFState, ...]]:
+        """One time step. With ``detach`` no gradient crosses a layer or a step."""
+        spikes, membranes, readouts, states = [], [], [], []
+        for i, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
+            out, st = layer(x, None if state is None else state[i])
+            spikes.append(out.s)
+            membranes.append(out.u)
+            readouts.append(readout(self.dropout(out.s)))
+            states.append(detach_lif_state(st) if detach else st)
+            x = out.s.detach() if detach else out.s
+        return NetworkOutput(tuple(spikes), tuple(membranes), tuple(readouts)), tuple(states)
+
+
+def build_lif_network(
+    cfg: NetworkConfig,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    seed: int = 0,
+) -> LIFNetwork:
+    """``cfg``'s layer stack with soft-reset LIF neurons (``cfg.lif``), pooling on the spikes,
+    and recurrent synapses on the dense layers that ask for them."""
+    gen = torch.Generator().manual_seed(seed)
+    params = LIFParams(cfg.lif.gamma, cfg.lif.v_th)
+    layers, readouts = [], []
+    shape = tuple(input_shape)
+    for i, lc in enumerate(cfg.layers):
+        recurrent = None
+        if lc.type == "conv":
+            if len(shape) != 3:
+                raise ValueError(f"network.layers.{i}: a conv layer needs (C, H, W) input, got {shape}")
+            if lc.recurrent:
+                raise ValueError(f"network.layers.{i}: only dense layers can be recurrent")
+            pad = lc.kernel // 2 if lc.padding is None else lc.padding
+            synapse: nn.Module = nn.Conv2d(shape[0], lc.channels, lc.kernel, padding=pad)
+        else:
+            if lc.pool != 1:
+                raise ValueError(f"network.layers.{i}: a dense layer cannot pool (pool = {lc.pool})")
+            synapse = nn.Linear(math.prod(shape), lc.channels)
+            if lc.recurrent:
+                recurrent = nn.Linear(lc.channels, lc.channels, bias=False)
+        _reset(synapse, gen)
+        if recurrent is not None:
+            bound = 1.0 / math.sqrt(lc.channels)
+            with torch.no_grad():
+                recurrent.weight.copy_((torch.rand(recurrent.weight.shape, generator=gen) * 2 - 1) * bound)
+        layer = LIFLayer(synapse, params, lc.pool if lc.type == "conv" else 1, cfg.surrogate, recurrent)
+        try:
+            shape = layer.output_shape(shape)
+        except RuntimeError:
+            raise ValueError(f"network.layers.{i}: output shape of input {shape} is empty; reduce pooling or kernel") from None
+        if min(shape) < 1:
+            raise ValueError(f"network.layers.{i}: output shape {shape} is empty; reduce pooling")
+        layers.append(layer)
+        readouts.append(
+            LocalReadout(math.prod(shape), n_classes, cfg.readout_scale, cfg.feedback_alignment, gen)
+        )
+    return LIFNetwork(layers, readouts, cfg.dropout)

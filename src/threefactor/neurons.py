@@ -192,3 +192,50 @@ def initial_decolle_state(
 def detach_state(state: DecolleState) -> DecolleState:
     """Cut the graph at a step boundary: DECOLLE never backpropagates through time."""
     return DecolleState(*(t.detach() for t in state))
+
+
+# --- the soft-reset LIF neuron of S-TLLR ---------------------------------------------------
+# u[t] = gamma (u[t-1] - v_th y[t-1]) + I[t],  y[t] = Theta(u[t] - v_th)   (Apolinario & Roy)
+# where I[t] = W x[t] (+ b) (+ V y[t-1] for a recurrent layer) is computed by the layer.
+
+
+class LIFParams(NamedTuple):
+    """Leak per step ``gamma`` and firing threshold ``v_th`` of the soft-reset LIF neuron."""
+
+    gamma: float = 0.9
+    v_th: float = 1.0
+
+
+class LIFState(NamedTuple):
+    """Membrane and spikes of the previous step (the spikes drive the soft reset)."""
+
+    u: Tensor
+    s: Tensor
+
+
+class LIFOutput(NamedTuple):
+    s: Tensor  # spikes Theta(u - v_th), with the surrogate derivative for autograd
+    u: Tensor  # membrane potential
+
+
+def lif_step(
+    current: Tensor, state: LIFState, params: LIFParams, surrogate: Surrogate = "boxcar"
+) -> tuple[LIFOutput, LIFState]:
+    """One step of soft-reset LIF neurons driven by the synaptic ``current`` I[t].
+
+    u = gamma (u_prev - v_th s_prev) + I, s = Theta(u - v_th).
+    """
+    u = params.gamma * (state.u - params.v_th * state.s) + current
+    s = spike(u - params.v_th, surrogate)
+    return LIFOutput(s, u), LIFState(u, s)
+
+
+def initial_lif_state(like: Tensor, shape: tuple[int, ...] | None = None) -> LIFState:
+    """All-zero LIF state of ``shape`` (batch included; default: the shape of ``like``)."""
+    zeros = like.new_zeros(like.shape if shape is None else shape)
+    return LIFState(zeros, zeros.clone())
+
+
+def detach_lif_state(state: LIFState) -> LIFState:
+    """Cut the graph at a step boundary."""
+    return LIFState(state.u.detach(), state.s.detach())

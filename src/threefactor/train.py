@@ -1,25 +1,60 @@
-"""The trainer: epochs of online learning, per-layer evaluation, a run directory of results."""
+"""The trainer: epochs of online learning, per-layer evaluation, a run directory of results.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one row per
+epoch, split and layer), ``checkpoint.pt`` (everything needed to continue the run exactly),
+``summary.json`` at the end, ``tensorboard/`` event files and ``plots/`` PNGs.
+
+Checkpoints are written atomically (temporary file, then rename) at the end of every epoch and
+every ``train.checkpoint_every`` batches. Each holds the weights, the optimiser and LR-schedule
+state, every random-number generator the run uses, the position in the data order (epoch,
+batch and the epoch's permutation), the running per-epoch sums and how many bytes of
+``metrics.jsonl`` it accounts for, so that ``train(cfg, run_dir, resume=True)`` continues a
+killed run and ends with the same weights, bit for bit (on the same device and software), and
+the same metrics rows. The sha256 of the file's bytes is sealed into its last bytes and checked
+before loading, which never unpickles anything but tensors and plain data
+(``torch.load(weights_only=True)``): an altered or truncated checkpoint is refused.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
+import random
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Config, config_from_dict, dump_config
-from .data.embedded import MotionDataset, MotionSpec
-from .data.pixel_model import PixelModel
+from .config import Config, config_from_dict, dump_config, to_dict
+from .data.splits import FrameData
+from .data.splits import load_split as _load_split
 from .network import DecolleNetwork, build_network, lsuv_init
 from .rules.decolle import DecolleRule, SequenceResult, predict_sequence
+from .rules import make_rule
 
 CHECKPOINT_FORMAT = "threefactor-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+# Settings that may differ between a run's checkpoint and its config.yaml on --resume: they
+# change how long the run goes on or what it writes, not what it computes.
+RESUMABLE_CHANGES = (
+    "device", "train.epochs", "train.progress", "train.checkpoint_every", "train.eval_every",
+    "train.tensorboard", "train.plots", "train.eval_batch_size",
+)
+
+# Test hook: "K:PATH" makes the trainer create PATH and sleep just before it would checkpoint
+# training batch K (counted over the whole run), so a test can kill it at a known point.
+_STALL_ENV = "THREEFACTOR_TEST_STALL"
 
 
 class RunError(RuntimeError):
@@ -37,35 +72,16 @@ def resolve_device(name: str) -> torch.device:
         raise RunError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-@dataclass
-class FrameData:
-    """A split held as one uint8 tensor of count frames (N, T, P, H, W): compact and fast to batch."""
-
-    frames: torch.Tensor
-    labels: torch.Tensor
-    classes: tuple[str, ...]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.frames.shape[2:])
-
-
-def _stack(dataset, classes) -> FrameData:
-    frames = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))])
-    labels = torch.as_tensor([int(t) for t in dataset.targets])
-    return FrameData(frames.clamp_(max=255).to(torch.uint8), labels, tuple(classes))
+def load_split(cfg: Config, split: str) -> FrameData:
+    """One split ("train" or "test") of the run's dataset, as count frames."""
+    try:
+        return _load_split(cfg.data, split, cfg.train.progress)
+    except (OSError, ValueError, MemoryError) as err:  # missing or unreadable files, bad sizes
+        raise RunError(str(err)) from None
 
 
 def load_data(cfg: Config) -> tuple[FrameData, FrameData]:
-    d = cfg.data
-    spec = MotionSpec(
-        timesteps=d.timesteps, speed=d.speed, contrast=d.contrast,
-        dots_per_view=d.dots_per_view,
-        pixel=PixelModel(threshold=d.threshold, noise_rate_hz=d.noise_rate_hz),
-    )
-    train = MotionDataset("train", d.n_train, d.seed, spec)
-    test = MotionDataset("test", d.n_test, d.seed, spec)
-    return _stack(train, train.classes), _stack(test, test.classes)
+    return load_split(cfg, "train"), load_split(cfg, "test")
 
 
 def make_optimizer(cfg: Config, network: DecolleNetwork) -> torch.optim.Optimizer:
@@ -82,6 +98,14 @@ def make_optimizer(cfg: Config, network: DecolleNetwork) -> torch.optim.Optimize
     return torch.optim.SGD(groups, lr=o.lr, foreach=True)
 
 
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:
+    """lr divided by ``optim.lr_decay_factor`` every ``optim.lr_decay_every`` epochs (0: never)."""
+    o = cfg.optim
+    if o.lr_decay_every:
+        return torch.optim.lr_scheduler.StepLR(optimizer, o.lr_decay_every, 1.0 / o.lr_decay_factor)
+    return torch.optim.lr_scheduler.StepLR(optimizer, 1, 1.0)  # x 1.0 is exact: constant lr
+
+
 def accuracy(votes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-layer accuracy (L,) of the majority class over time from votes (L, B, C)."""
     return (votes.argmax(2) == labels[None]).float().mean(1)
@@ -92,10 +116,42 @@ def _batches(n: int, size: int, gen: torch.Generator | None):
     return [order[i:i + size] for i in range(0, n, size)]
 
 
+class SpikeMeter:
+    """Mean firing rate of every layer, collected by forward hooks (the rule's loop is untouched)."""
+
+    def __init__(self, network: DecolleNetwork) -> None:
+        n = len(network.layers)
+        device = next(network.parameters()).device
+        self.sums = torch.zeros(n, dtype=torch.float64, device=device)
+        self.counts = [0] * n
+        self.handles = [
+            layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(network.layers)
+        ]
+
+    def _hook(self, i: int):
+        def hook(module, inputs, output) -> None:
+            s = output[0].s
+            self.sums[i] += s.detach().sum()
+            self.counts[i] += s.numel()
+        return hook
+
+    def take(self) -> list[float]:
+        """Rates since the last call (spikes per neuron per step), then reset."""
+        rates = [s / c if c else 0.0 for s, c in zip(self.sums.tolist(), self.counts)]
+        self.sums.zero_()
+        self.counts = [0] * len(self.counts)
+        return rates
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def evaluate(
     network: DecolleNetwork, data: FrameData, cfg: Config, device: torch.device
 ) -> tuple[list[float], list[float]]:
     """Per-layer test accuracy and mean local loss over ``data``."""
+    network_was_training = network.training
     network.eval()
     correct = torch.zeros(len(network.layers))
     loss = torch.zeros(len(network.layers))
@@ -106,13 +162,70 @@ def evaluate(
         correct += (res.votes.argmax(2) == y[None]).sum(1).cpu()
         loss += res.loss.cpu() * len(idx)
     n = len(data.labels)
+    network.train(network_was_training)
     return (correct / n).tolist(), (loss / n).tolist()
 
 
+# --- checkpoints ------------------------------------------------------------------------
+
+
+# A checkpoint is the zip file torch.save writes, with the sha256 of all its other bytes in
+# the zip's comment field (the last bytes of the file): torch.load still reads it as it is, and
+# any change to any byte, or a truncation, is caught before anything is unpickled.
+_SEAL_TAG = b"threefactor-sha256:"
+_SEAL_LEN = len(_SEAL_TAG) + 64
+_EOCD = b"PK\x05\x06"  # zip end-of-central-directory record (22 bytes + comment)
+
+
+def _seal(data: bytes) -> bytes:
+    if data[-22:-18] != _EOCD or data[-2:] != b"\0\0":
+        raise RuntimeError("torch.save wrote a zip layout this version of threefactor does not know")
+    comment = _SEAL_TAG + hashlib.sha256(data[:-2]).hexdigest().encode()
+    return data[:-2] + len(comment).to_bytes(2, "little") + comment
+
+
+def _seal_ok(data: bytes) -> bool | None:
+    """True: sealed and intact; False: sealed but altered; None: no seal (truncated or foreign)."""
+    n = _SEAL_LEN
+    if (len(data) < n + 22 or not data[-n:].startswith(_SEAL_TAG)
+            or data[-n - 22:-n - 18] != _EOCD or int.from_bytes(data[-n - 2:-n], "little") != n):
+        return None
+    return hashlib.sha256(data[:-n - 2]).hexdigest().encode() == data[-64:]
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    """torch.save, sealed with its sha256, to a temporary file; fsync, then rename over ``path``."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = _seal(buf.getvalue())
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(
-    path: Path, network: DecolleNetwork, optimizer, cfg: Config, epoch: int, data: FrameData
+    path: Path,
+    network: DecolleNetwork,
+    optimizer,
+    cfg: Config,
+    epoch: int,
+    data: FrameData,
+    *,
+    scheduler=None,
+    progress: dict | None = None,
 ) -> None:
-    """Written to a temporary file and renamed, so a crash never leaves a torn checkpoint."""
+    """Written to a temporary file and renamed, so a crash never leaves a torn checkpoint.
+
+    ``epoch`` counts completed epochs; ``progress`` holds what a resumed run needs besides the
+    weights and the optimiser (see ``train``).
+    """
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -122,51 +235,262 @@ def save_checkpoint(
         "epoch": epoch,
         "model": network.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "progress": progress,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    _write_atomic(Path(path), payload)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The verified payload of a checkpoint file or run directory, or RunError in one sentence."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise RunError(f"{path}: no checkpoint there")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RunError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
+    sealed = _seal_ok(data)
+    if sealed is None:
+        raise RunError(
+            f"{path}: refused, the file is truncated or damaged or was not written by this "
+            "threefactor (it does not end with a valid sha256 seal)"
+        )
+    if not sealed:
+        raise RunError(
+            f"{path}: refused, its bytes do not match the sha256 sealed into it (the file was "
+            "altered or corrupted)"
+        )
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise RunError(
+                f"{path}: refused, it holds objects other than tensors and plain data "
+                "(threefactor never unpickles arbitrary objects)"
+            ) from None
+        raise RunError(f"{path}: the checkpoint cannot be read and was refused") from None
+    except Exception:  # torch raises many types for corrupt files
+        raise RunError(f"{path}: the checkpoint cannot be read and was refused") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path}: not a threefactor checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise RunError(
+            f"{path}: checkpoint format version {payload.get('version')!r} is not the one this "
+            f"threefactor reads ({CHECKPOINT_VERSION})"
+        )
+    return payload
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DecolleNetwork, Config, dict]:
     """Network, config and raw payload of a checkpoint; never unpickles arbitrary objects."""
     import yaml
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.exists():
-        raise RunError(f"{path}: no checkpoint there")
+    payload = read_checkpoint(path, map_location)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or unsafe files
-        raise RunError(f"{path}: not a readable threefactor checkpoint ({type(err).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"{path}: not a threefactor checkpoint")
-    cfg = config_from_dict(yaml.safe_load(payload["config"]), source=f"{path} (config)")
-    network = build_network(cfg.network, tuple(payload["input_shape"]), len(payload["classes"]), cfg.seed)
-    try:
+        cfg = config_from_dict(yaml.safe_load(payload["config"]), source=f"{path} (config)")
+        network = build_network(cfg.network, tuple(payload["input_shape"]), len(payload["classes"]), cfg.seed)
         network.load_state_dict(payload["model"])
-    except RuntimeError:
+    except (KeyError, TypeError, ValueError, RuntimeError, yaml.YAMLError):
         raise RunError(f"{path}: weights do not match the network its config describes") from None
     return network, cfg, payload
+
+
+# --- the state of a run in progress -------------------------------------------------------
+
+
+def _rng_states(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+
+
+def _set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and device.type == "cuda":
+        if len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+@dataclass
+class _Progress:
+    """Where the run is: everything but the weights and the optimiser that a resume needs."""
+
+    n_layers: int
+    epoch_done: int = 0  # completed epochs
+    batch: int = 0  # batches completed in the epoch in progress
+    perm: torch.Tensor | None = None  # the data order of the epoch in progress
+    batches_total: int = 0
+    samples: int = 0
+    seen: int = 0  # samples of the epoch in progress
+    correct: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    loss_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    rate_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    metrics_bytes: int = 0
+    elapsed_s: float = 0.0
+    test_accuracy: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    resumes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.correct is None:
+            self.reset_epoch()
+        if not self.test_accuracy:
+            self.test_accuracy = [0.0] * self.n_layers
+            self.test_loss = [0.0] * self.n_layers
+
+    def reset_epoch(self) -> None:
+        self.correct = torch.zeros(self.n_layers)
+        self.loss_sum = torch.zeros(self.n_layers)
+        self.rate_sum = torch.zeros(self.n_layers, dtype=torch.float64)
+        self.seen = 0
+
+    def to_payload(self, gen: torch.Generator, device: torch.device) -> dict:
+        return {
+            "epoch_done": self.epoch_done, "batch": self.batch, "permutation": self.perm,
+            "batches_total": self.batches_total, "samples": self.samples, "seen": self.seen,
+            "correct": self.correct, "loss_sum": self.loss_sum, "rate_sum": self.rate_sum,
+            "metrics_bytes": self.metrics_bytes, "elapsed_s": self.elapsed_s,
+            "test_accuracy": list(self.test_accuracy), "test_loss": list(self.test_loss),
+            "resumes": self.resumes,
+            "data_order_generator": gen.get_state(), "rng": _rng_states(device),
+        }
+
+    @classmethod
+    def from_payload(cls, n_layers: int, p: dict) -> "_Progress":
+        return cls(
+            n_layers, p["epoch_done"], p["batch"], p["permutation"], p["batches_total"],
+            p["samples"], p["seen"], p["correct"], p["loss_sum"], p["rate_sum"],
+            p["metrics_bytes"], p["elapsed_s"], list(p["test_accuracy"]), list(p["test_loss"]),
+            p["resumes"],
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_resume_config(cfg: Config, payload: dict, where: Path) -> None:
+    import yaml
+
+    saved = _flat(yaml.safe_load(payload["config"]))
+    now = _flat(to_dict(cfg))
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != now.get(key):
+            raise RunError(
+                f"{where}: config.yaml sets '{key}' to {now.get(key)!r} but the checkpoint was "
+                f"trained with {saved.get(key)!r}; a resumed run keeps its settings (only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change)"
+            )
+
+
+def _stall_hook(batches_total: int) -> None:
+    spec = os.environ.get(_STALL_ENV)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if int(at) == batches_total:
+        if marker:
+            Path(marker).write_text(f"{batches_total}\n")
+        time.sleep(600)
+
+
+def _check_finite(losses: torch.Tensor, network: DecolleNetwork) -> str | None:
+    """What went non-finite, or None."""
+    problems = []
+    bad = [i + 1 for i, v in enumerate(losses.tolist()) if not np.isfinite(v)]
+    if bad:
+        problems.append("the loss of layer " + ", ".join(map(str, bad))
+                        + f" became {', '.join(str(losses[i - 1].item()) for i in bad)}")
+    for i, layer in enumerate(network.layers):
+        for name, p in layer.named_parameters():
+            if not torch.isfinite(p).all():
+                problems.append(f"layer {i + 1} {name.replace('synapse.', '')} holds NaN or Inf")
+    return "; ".join(problems) or None
+
+
+# --- training -----------------------------------------------------------------------------
 
 
 def train(
     cfg: Config,
     out_dir: str | Path,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict:
-    """Train ``cfg`` and write the run directory ``out_dir``; returns the summary."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-        metrics_file = open(out / "metrics.jsonl", "a")
-    except OSError as err:
-        raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
+    """Train ``cfg`` and write the run directory ``out_dir``; returns the summary.
 
-    device = resolve_device(cfg.device)
+    With ``resume`` the run in ``out_dir`` continues from its checkpoint (``cfg`` should be the
+    run's own config.yaml; see ``RESUMABLE_CHANGES`` for what may differ).
+    """
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    metrics_path = out / METRICS_NAME
+    if resume:
+        if not ckpt_path.exists():
+            raise RunError(f"{out}: nothing to resume, there is no {CHECKPOINT_NAME} there")
+        try:
+            probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-")
+            probe.close()
+            metrics_file = open(metrics_path, "r+b" if metrics_path.exists() else "w+b")
+        except OSError as err:
+            raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
+    else:
+        if ckpt_path.exists():
+            raise RunError(
+                f"{out} already holds a run ({CHECKPOINT_NAME}); continue it with --resume {out} "
+                "or choose another --out"
+            )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(dump_config(cfg))
+            metrics_file = open(metrics_path, "wb")
+        except OSError as err:
+            raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
+
+    closers: list[Callable[[], None]] = [metrics_file.close]
+    try:
+        device = resolve_device(cfg.device)
+        payload = None
+        if resume:
+            payload = read_checkpoint(ckpt_path)
+            _check_resume_config(cfg, payload, out)
+            if not isinstance(payload.get("progress"), dict):
+                raise RunError(f"{ckpt_path}: the checkpoint holds no training progress to resume from")
+        return _run(cfg, out, device, payload, metrics_file, log, closers)
+    finally:
+        for close in reversed(closers):
+            close()
+
+
+def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, metrics_file, log,
+         closers: list) -> dict:
+    from .tensorboard import open_tensorboard
+
+    ckpt_path = out / CHECKPOINT_NAME
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     train_data, test_data = load_data(cfg)
@@ -180,73 +504,191 @@ def train(
         network = build_network(cfg.network, train_data.input_shape, len(train_data.classes), cfg.seed)
     except ValueError as err:
         raise RunError(f"cannot build the network: {err}") from None
+    if payload is not None:
+        if list(payload.get("input_shape", [])) != list(train_data.input_shape):
+            raise RunError(f"{ckpt_path}: written for input shape {payload.get('input_shape')}, "
+                           f"but the data now has {list(train_data.input_shape)}")
+        try:
+            network.load_state_dict(payload["model"])
+        except RuntimeError:
+            raise RunError(f"{ckpt_path}: weights do not match the network its config describes") from None
     network.to(device)
-    if cfg.network.init == "lsuv":
+    if payload is None and cfg.network.init == "lsuv":
         sample = train_data.frames[: min(64, len(train_data.labels))].to(device, torch.float32)
         stats = lsuv_init(network, sample, cfg.network.init_target_mean, skip_steps=cfg.rule.burn_in)
         log("init: LSUV, membrane (mean, var) per layer: "
             + ", ".join(f"({m:.2f}, {v:.2f})" for m, v in stats))
 
     optimizer = make_optimizer(cfg, network)
-    step_size = cfg.optim.lr_decay_every or max(cfg.train.epochs, 1) + 1
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size, 1.0 / cfg.optim.lr_decay_factor)
-    rule = DecolleRule(network, optimizer, cfg.rule.loss, cfg.rule.reg1, cfg.rule.reg2, cfg.rule.burn_in)
+    scheduler = make_scheduler(cfg, optimizer)
+    rule = make_rule(cfg, network, optimizer)  # rule.name: decolle | stllr | bptt
     gen = torch.Generator().manual_seed(cfg.seed)
     n_layers = len(network.layers)
+    n_train = len(train_data.labels)
 
-    def record(epoch: int, split: str, accs: list[float], losses: list[float]) -> None:
-        for i, (a, l) in enumerate(zip(accs, losses)):
+    if payload is None:
+        st = _Progress(n_layers)
+    else:
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            st = _Progress.from_payload(n_layers, payload["progress"])
+            gen.set_state(payload["progress"]["data_order_generator"])
+            _set_rng_states(payload["progress"]["rng"], device)
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise RunError(f"{ckpt_path}: the checkpoint's training state does not fit this run") from None
+        if st.perm is not None and len(st.perm) != n_train:
+            raise RunError(f"{ckpt_path}: written for {len(st.perm)} training samples, the data has {n_train}")
+        metrics_file.seek(0, os.SEEK_END)
+        if metrics_file.tell() < st.metrics_bytes:
+            raise RunError(f"{out / METRICS_NAME}: shorter than when the checkpoint was written; "
+                           "rows are missing, so the run cannot be continued")
+        metrics_file.truncate(st.metrics_bytes)  # rows written after the checkpoint come again
+        metrics_file.seek(st.metrics_bytes)
+        st.resumes += 1
+        log(f"resuming {out}: {st.epoch_done} epochs and {st.batch} batches done "
+            f"({st.batches_total} batches in all)")
+    elapsed_before = st.elapsed_s
+
+    def now_s() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    tb = open_tensorboard(cfg.train.tensorboard, out, st.batches_total + 1 if payload else None, log)
+    closers.append(tb.close)
+    meter = SpikeMeter(network)
+    closers.append(meter.close)
+
+    def record(epoch: int, split: str, accs, losses, rates) -> None:
+        for i, (a, l, r) in enumerate(zip(accs, losses, rates)):
             row = {"epoch": epoch, "split": split, "layer": i + 1, "accuracy": a, "loss": l,
-                   "lr": optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t_start}
-            metrics_file.write(json.dumps(row) + "\n")
+                   "firing_rate": r, "lr": optimizer.param_groups[0]["lr"],
+                   "batch": st.batch, "batches": st.batches_total, "samples": st.samples,
+                   "time_s": now_s()}
+            metrics_file.write((json.dumps(row) + "\n").encode())
         metrics_file.flush()
 
-    test_acc, test_loss = [0.0] * n_layers, [0.0] * n_layers
-    for epoch in range(1, cfg.train.epochs + 1):
+    def test_eval(epoch: int) -> None:
+        meter.take()
+        st.test_accuracy, st.test_loss = evaluate(network, test_data, cfg, device)
+        rates = meter.take()
+        record(epoch, "test", st.test_accuracy, st.test_loss, rates)
+        tb.epoch_metrics(st.batches_total, "test", st.test_accuracy, st.test_loss, rates)
+
+    def checkpoint() -> None:
+        st.metrics_bytes = metrics_file.tell()
+        st.elapsed_s = now_s()
+        save_checkpoint(ckpt_path, network, optimizer, cfg, st.epoch_done, train_data,
+                        scheduler=scheduler, progress=st.to_payload(gen, device))
+        tb.flush()
+
+    def describe_checkpoint() -> str:
+        try:
+            p = read_checkpoint(ckpt_path)["progress"]
+        except (RunError, KeyError, TypeError):
+            return "none readable"
+        if p["batch"]:
+            return f"from epoch {p['epoch_done'] + 1}, batch {p['batch']}"
+        return f"from the end of epoch {p['epoch_done']}" if p["epoch_done"] else "from before the first batch"
+
+    if payload is None:
+        checkpoint()  # the initial state: a resume point and a last good checkpoint from the start
+
+    epochs = cfg.train.epochs
+    if payload is not None and st.epoch_done >= epochs and st.perm is None:
+        log(f"the run in {out} is already complete ({st.epoch_done} epochs)")
+    while st.epoch_done < epochs:
+        epoch = st.epoch_done + 1
+        if st.perm is None:
+            st.perm = torch.randperm(n_train, generator=gen)
+            st.batch = 0
+            st.reset_epoch()
+        batches = [st.perm[i:i + cfg.train.batch_size] for i in range(0, n_train, cfg.train.batch_size)]
         network.train()
-        correct = torch.zeros(n_layers)
-        loss_sum = torch.zeros(n_layers)
-        seen = 0
-        batches = _batches(len(train_data.labels), cfg.train.batch_size, gen)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch",
+        bar = tqdm(total=len(batches), initial=st.batch, desc=f"epoch {epoch}/{epochs}", unit="batch",
                    disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
-        for idx in bar:
+        for b in range(st.batch, len(batches)):
+            idx = batches[b]
             x = train_data.frames[idx].to(device, torch.float32, non_blocking=True)
             y = train_data.labels[idx].to(device)
+            meter.take()
             res: SequenceResult = rule.train_sequence(x, y)
-            correct += (res.votes.argmax(2) == y[None]).sum(1).cpu()
-            loss_sum += res.loss.cpu() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(acc=f"{(correct[-1] / seen).item():.3f}", loss=f"{res.loss[-1].item():.4f}")
-            if not torch.isfinite(res.loss).all():
-                raise RunError(f"epoch {epoch}: the loss became {res.loss.tolist()}; lower optim.lr")
+            rates = meter.take()
+            problem = _check_finite(res.loss, network)
+            if problem is not None:
+                bar.close()
+                raise RunError(
+                    f"the run diverged in epoch {epoch}, batch {b + 1}: {problem}; it was stopped and "
+                    f"the last good checkpoint ({describe_checkpoint()}) is kept in {ckpt_path}; "
+                    "lower optim.lr"
+                )
+            st.correct += (res.votes.argmax(2) == y[None]).sum(1).cpu()
+            st.loss_sum += res.loss.cpu() * len(idx)
+            st.rate_sum += torch.tensor(rates, dtype=torch.float64) * len(idx)
+            st.seen += len(idx)
+            st.batch = b + 1
+            st.batches_total += 1
+            st.samples += len(idx)
+            bar.update(1)
+            bar.set_postfix(acc=f"{(st.correct[-1] / st.seen).item():.3f}", loss=f"{res.loss[-1].item():.4f}")
+            tb.batch_metrics(st.batches_total, res.loss.tolist(), rates, optimizer.param_groups[0]["lr"])
+
+            end_of_epoch = st.batch == len(batches)
+            if cfg.train.eval_every and st.batches_total % cfg.train.eval_every == 0 and not end_of_epoch:
+                test_eval(epoch)
+            if end_of_epoch:
+                scheduler.step()
+                train_acc = (st.correct / st.seen).tolist()
+                train_loss = (st.loss_sum / st.seen).tolist()
+                train_rates = (st.rate_sum / st.seen).tolist()
+                record(epoch, "train", train_acc, train_loss, train_rates)
+                tb.epoch_metrics(st.batches_total, "train", train_acc, train_loss, train_rates)
+                test_eval(epoch)
+                tb.weights(st.batches_total, network)
+                st.epoch_done, st.perm, st.batch = epoch, None, 0
+                st.reset_epoch()
+                log(
+                    f"epoch {epoch}: train acc " + " ".join(f"L{i + 1} {a:.3f}" for i, a in enumerate(train_acc))
+                    + " | test acc " + " ".join(f"L{i + 1} {a:.3f}" for i, a in enumerate(st.test_accuracy))
+                    + f" | {now_s():.0f} s"
+                )
+            _stall_hook(st.batches_total)
+            if end_of_epoch or (cfg.train.checkpoint_every and st.batches_total % cfg.train.checkpoint_every == 0):
+                checkpoint()
         bar.close()
-        scheduler.step()
-        train_acc, train_loss = (correct / seen).tolist(), (loss_sum / seen).tolist()
-        record(epoch, "train", train_acc, train_loss)
-        test_acc, test_loss = evaluate(network, test_data, cfg, device)
-        record(epoch, "test", test_acc, test_loss)
-        save_checkpoint(out / "checkpoint.pt", network, optimizer, cfg, epoch, train_data)
-        log(
-            f"epoch {epoch}: train acc " + " ".join(f"L{i + 1} {a:.3f}" for i, a in enumerate(train_acc))
-            + " | test acc " + " ".join(f"L{i + 1} {a:.3f}" for i, a in enumerate(test_acc))
-            + f" | {time.perf_counter() - t_start:.0f} s"
-        )
-    if cfg.train.epochs == 0:
-        test_acc, test_loss = evaluate(network, test_data, cfg, device)
-        record(0, "test", test_acc, test_loss)
-        save_checkpoint(out / "checkpoint.pt", network, optimizer, cfg, 0, train_data)
-    metrics_file.close()
+    if epochs == 0 and payload is None:
+        test_eval(0)
+        checkpoint()
 
     summary = {
-        "test_accuracy": {f"layer{i + 1}": a for i, a in enumerate(test_acc)},
-        "test_loss": {f"layer{i + 1}": l for i, l in enumerate(test_loss)},
-        "last_layer_test_accuracy": test_acc[-1],
+        "test_accuracy": {f"layer{i + 1}": a for i, a in enumerate(st.test_accuracy)},
+        "test_loss": {f"layer{i + 1}": l for i, l in enumerate(st.test_loss)},
+        "last_layer_test_accuracy": st.test_accuracy[-1],
         "epochs": cfg.train.epochs,
-        "wall_time_s": time.perf_counter() - t_start,
+        "batches": st.batches_total,
+        "samples_seen": st.samples,
+        "resumes": st.resumes,
+        "wall_time_s": now_s(),
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    metrics_file.flush()
+    if cfg.train.plots:
+        _draw_plots(out, network, cfg, test_data, log)
     return summary
+
+
+def _draw_plots(out: Path, network: DecolleNetwork, cfg: Config, test_data: FrameData, log) -> None:
+    try:
+        from .plots import draw_run
+    except ImportError:
+        log("plots: skipped, matplotlib is not installed (pip install matplotlib)")
+        return
+    try:
+        paths = draw_run(out, network, cfg, test_data.frames[0], int(test_data.labels[0]),
+                         test_data.classes)
+    except Exception as err:  # a drawing problem must not cost a finished run its results
+        log(f"plots: could not draw them ({type(err).__name__}: {err}); retry with threefactor plot {out}")
+        return
+    log(f"plots: {', '.join(p.name for p in paths)} in {out / 'plots'}")

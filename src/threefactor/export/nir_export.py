@@ -111,9 +111,12 @@ def _resolve_source(
     if isinstance(source, DecolleNetwork):
         return source, None if input_shape is None else tuple(int(s) for s in input_shape), {}
     if isinstance(source, (str, Path)):
-        from ..train import load_checkpoint
+        from ..train import RunError, load_checkpoint
 
-        network, cfg, payload = load_checkpoint(source)
+        try:
+            network, cfg, payload = load_checkpoint(source)
+        except RunError as err:
+            raise NIRError(str(err)) from None
         shape = tuple(int(s) for s in (input_shape or payload["input_shape"]))
         extra = {"source": str(source), "epoch": int(payload.get("epoch", 0)),
                  "surrogate": cfg.network.surrogate}
@@ -148,9 +151,10 @@ def _tau(dt: float, decay: float, what: str) -> float:
     return dt / (1.0 - decay)
 
 
-def _synapse_node(nir, syn: nn.Module, in_shape: tuple[int, ...], weight_bias: bool, name: str):
-    """Affine or Conv2d of ``syn``; with ``weight_bias=False`` the bias is written as zeros."""
-    bias = _np32(syn.bias) if weight_bias else np.zeros(syn.bias.shape, dtype=np.float32)
+def _synapse_node(nir, syn: nn.Module, in_shape: tuple[int, ...], with_bias: bool, name: str):
+    """Affine or Conv2d of ``syn``; with ``with_bias=False`` (or no bias) the bias is zeros."""
+    n_out = syn.weight.shape[0]
+    bias = _np32(syn.bias) if with_bias and syn.bias is not None else np.zeros(n_out, np.float32)
     meta = {ROLE_KEY: "synapse"}
     if isinstance(syn, nn.Linear):
         return nir.Affine(weight=_np32(syn.weight), bias=bias, metadata=meta)
@@ -422,7 +426,8 @@ def _portable_nodes(nir, network, shape, dt, dialect, include_readouts):
             lagged.append(i)
         tau_syn = _tau(ndt, p.beta, "beta")
         tau_mem = _tau(ndt, p.alpha, "alpha")
-        bias = layer.synapse.bias.detach().cpu().double()
+        syn_bias = layer.synapse.bias
+        bias = (torch.zeros(layer.synapse.weight.shape[0]) if syn_bias is None else syn_bias).detach().cpu().double()
         if bias_in_threshold:
             v_th = -bias.reshape((-1,) + (1,) * (len(out_shape) - 1)).expand(out_shape).numpy().copy()
             r, w_in = 1.0, w_in_pool
@@ -454,8 +459,8 @@ def _portable_nodes(nir, network, shape, dt, dialect, include_readouts):
     if pooled:
         how = "sum pooling with w_in = 1/k^2" if dialect == "norse" else "average pooling"
         notes.append(
-            f"max pooling of the membrane (layers {', '.join(map(str, pooled))}) becomes {how} "
-            "of the synaptic current"
+            f"max pooling of the membrane ({_layers(pooled)}) becomes {how} of the synaptic "
+            "current"
         )
     if dialect == "norse":
         notes.append(
@@ -475,10 +480,19 @@ def _portable_nodes(nir, network, shape, dt, dialect, include_readouts):
         notes.append(f"dt = 1e-4 s as snnTorch's importer assumes (the model's dt is {dt:g} s)")
     if lagged:
         notes.append(
-            f"the lagged ordering of layers {', '.join(map(str, lagged))} (P driven by the "
-            "previous Q) becomes the current ordering: the one-step lag is dropped"
+            f"the lagged ordering of {_layers(lagged)} (P driven by the previous Q) becomes the "
+            "current ordering: the one-step lag is dropped"
+        )
+    if dialect == "snntorch" and include_readouts:
+        notes.append(
+            "snnTorch's importer (nirtorch's nir_to_torch) never finishes on a graph with "
+            "several Output nodes: export with include_readouts=False (--no-readouts) for it"
         )
     return nodes, edges, notes
+
+
+def _layers(indices: list[int]) -> str:
+    return ("layer " if len(indices) == 1 else "layers ") + ", ".join(map(str, indices))
 
 
 # ======================================================================================

@@ -1,5 +1,43 @@
-"""Learning rules: each decides what to detach, which losses to form and when to step."""
+"""Learning rules: each decides what to detach, which losses to form and when to step.
 
-from .decolle import DecolleRule, SequenceResult, local_loss, predict_sequence, regulariser
+Every rule has ``train_sequence(x, labels) -> SequenceResult(votes (L, B, C), loss (L,), stats)``;
+evaluation is ``predict_sequence`` for every rule and network. ``make_rule`` picks one from
+the config (``rule.name: decolle | stllr | bptt``).
+"""
 
-__all__ = ["DecolleRule", "SequenceResult", "local_loss", "predict_sequence", "regulariser"]
+from __future__ import annotations
+
+from .bptt import BPTTRule
+from .decolle import (
+    DecolleRule, ErrorTrigger, SequenceResult, local_loss, predict_sequence, regulariser,
+)
+from .stllr import SHD, VISION, STLLRFactors, STLLRRule
+
+RULES: tuple[str, ...] = ("decolle", "stllr", "bptt")
+
+
+def make_rule(cfg, network, optimizer):
+    """The learning rule of ``cfg`` (a ``Config``) for ``network`` and ``optimizer``."""
+    r = cfg.rule
+    if r.name == "decolle":
+        et = r.error_trigger
+        trigger = None
+        if et.threshold is not None or et.target_rate is not None:
+            trigger = ErrorTrigger(et.threshold, et.target_rate, et.adapt, et.mode)
+        return DecolleRule(network, optimizer, r.loss, r.reg1, r.reg2, r.burn_in, error_trigger=trigger)
+    if r.name == "stllr":
+        s = r.stllr
+        return STLLRRule(
+            network, optimizer, STLLRFactors(*s.factors), s.psi or cfg.network.surrogate,
+            s.learning_signal, s.update, r.loss, r.burn_in, r.loss_layers,
+            feedback_scale=cfg.network.readout_scale, seed=cfg.seed,
+        )
+    if r.name == "bptt":
+        return BPTTRule(network, optimizer, r.loss, r.reg1, r.reg2, r.burn_in, r.loss_layers)
+    raise ValueError(f"unknown rule {r.name!r}; valid: {', '.join(RULES)}")
+
+
+__all__ = [
+    "BPTTRule", "DecolleRule", "ErrorTrigger", "RULES", "SHD", "STLLRFactors", "STLLRRule",
+    "SequenceResult", "VISION", "local_loss", "make_rule", "predict_sequence", "regulariser",
+]

@@ -9,6 +9,7 @@ after the burn-in.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -46,6 +47,7 @@ def regulariser(u: Tensor, reg1: float, reg2: float) -> Tensor:
 class SequenceResult(NamedTuple):
     votes: Tensor  # (L, B, C): per layer, how many steps after burn-in voted for each class
     loss: Tensor  # (L,): per layer, mean local loss over the steps after burn-in
+    stats: dict | None = None  # rule-specific numbers (e.g. the fraction of triggered updates)
 
 
 def vote(readouts: tuple[Tensor, ...], votes: Tensor) -> None:
@@ -65,6 +67,7 @@ class DecolleRule:
         reg1: float = 0.0,
         reg2: float = 0.0,
         burn_in: int = 0,
+        error_trigger: "ErrorTrigger | None" = None,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -73,6 +76,7 @@ class DecolleRule:
         self.loss = loss
         self.reg1, self.reg2 = reg1, reg2
         self.burn_in = burn_in
+        self.error_trigger = error_trigger
 
     def layer_losses(self, out, labels: Tensor) -> Tensor:
         """The local loss of every layer at one step, stacked (L,), graph attached."""
@@ -87,6 +91,9 @@ class DecolleRule:
         n_layers, steps = len(net.layers), x.shape[1]
         votes = x.new_zeros(n_layers, x.shape[0], len(net.readouts[0].g))
         loss_sum = x.new_zeros(n_layers)
+        trigger = self.error_trigger
+        if trigger is not None:
+            trigger.start_sequence(n_layers)
         state = None
         for t in range(steps):
             if t < self.burn_in:
@@ -96,11 +103,17 @@ class DecolleRule:
             out, state = net(x[:, t], state)
             losses = self.layer_losses(out, labels)
             self.optimizer.zero_grad(set_to_none=True)
+            if trigger is not None:
+                for i, s in enumerate(out.spikes):
+                    s.register_hook(trigger.hook(i))
             losses.sum().backward()
+            if trigger is not None:
+                trigger.end_step(net)
             self.optimizer.step()
             loss_sum += losses.detach()
             vote(out.readouts, votes)
-        return SequenceResult(votes, loss_sum / max(steps - self.burn_in, 1))
+        stats = trigger.stats() if trigger is not None else None
+        return SequenceResult(votes, loss_sum / max(steps - self.burn_in, 1), stats)
 
 
 @torch.no_grad()
@@ -118,3 +131,87 @@ def predict_sequence(
             vote(out.readouts, votes)
             loss_sum += torch.stack([local_loss(y, labels, loss) for y in out.readouts])
     return SequenceResult(votes, loss_sum / max(steps - burn_in, 1))
+
+
+class ErrorTrigger:
+    """Error-triggered DECOLLE (Payvand, Fouda, Kurdahi, Eltawil & Neftci, AICAS 2020).
+
+    The error of neuron i at a step, E_i = dL/dS_i (Eq. 8: sum_k G_ki (Y_k - Yhat_k) for MSE),
+    is sent to the synapses only as an *error event*, when |E_i| > threshold; otherwise the
+    neuron's synapses are not updated at that step. ``mode="gate"`` sends the error itself,
+    ``"ternary"`` sends threshold * sign(E_i) (a 1.5-bit event, as on a crossbar). A layer with no
+    event at a step is not updated at all (its parameters get no gradient, so the optimiser
+    skips them). With ``target_rate`` the threshold of every layer follows the fraction of
+    (sample, neuron) pairs that sent an event:
+    log(threshold) += adapt * clip((rate - target) / target, -1, 1) after every step; a zero
+    threshold starts at the (1 - target) quantile of |E| of the first step. Threshold 0 without a
+    target is plain DECOLLE (every non-zero error is sent, nothing is quantised).
+    """
+
+    def __init__(
+        self,
+        threshold: float | None = None,
+        target_rate: float | None = None,
+        adapt: float = 0.1,
+        mode: Literal["gate", "ternary"] = "gate",
+    ) -> None:
+        if mode not in ("gate", "ternary"):
+            raise ValueError(f"unknown error_trigger mode {mode!r}; valid: gate, ternary")
+        self.initial = float(threshold or 0.0)
+        self.target_rate = target_rate
+        self.adapt = adapt
+        self.mode = mode
+        self.thresholds: list[float] | None = None  # one per layer, kept across sequences
+
+    def start_sequence(self, n_layers: int) -> None:
+        if self.thresholds is None:
+            self.thresholds = [self.initial] * n_layers
+        self._events = [0] * n_layers
+        self._signals = [0] * n_layers
+        self._steps_with_event = [0] * n_layers
+        self._steps = 0
+        self._step_events = [0] * n_layers
+
+    def hook(self, i: int):
+        """A tensor hook for layer i's spikes: gates dL/dS and counts the events."""
+
+        def gate(grad: Tensor) -> Tensor:
+            th = self.thresholds[i]
+            if th == 0.0 and self.target_rate is not None:
+                th = torch.quantile(grad.detach().abs().flatten().float(), 1.0 - self.target_rate).item()
+                self.thresholds[i] = th
+            event = grad.abs() > th
+            n = int(event.sum())
+            self._events[i] += n
+            self._step_events[i] = n
+            self._signals[i] += grad.numel()
+            if self.target_rate is not None and th > 0:
+                rate = n / grad.numel()
+                err = max(-1.0, min(1.0, (rate - self.target_rate) / self.target_rate))
+                self.thresholds[i] = th * math.exp(self.adapt * err)
+            if self.mode == "ternary" and th > 0:
+                return th * torch.sign(grad) * event
+            return grad * event
+
+        return gate
+
+    def end_step(self, network) -> None:
+        """After backward(): layers without an event this step get no update at all."""
+        self._steps += 1
+        for i, layer in enumerate(network.layers):
+            if self._step_events[i] > 0:
+                self._steps_with_event[i] += 1
+            elif self.thresholds[i] > 0:
+                for p in layer.parameters():
+                    p.grad = None
+            self._step_events[i] = 0
+
+    def stats(self) -> dict:
+        """update_fraction: per layer, the fraction of (step, sample, neuron) that sent an error
+        event; step_fraction: the fraction of steps at which the layer was updated."""
+        n = len(self._events)
+        return {
+            "update_fraction": [self._events[i] / max(self._signals[i], 1) for i in range(n)],
+            "step_fraction": [self._steps_with_event[i] / max(self._steps, 1) for i in range(n)],
+            "threshold": list(self.thresholds),
+        }

@@ -1,0 +1,1 @@
+"""Slow experiments and measurements; each module runs with `python -m benchmarks.<name>`."""

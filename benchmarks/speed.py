@@ -1,0 +1,337 @@
+"""Throughput of online DECOLLE training and of inference, against the authors' code and the
+machine's practical peak.
+
+    OMP_NUM_THREADS=2 ./dev run python -m benchmarks.speed [--threads 2] [--repeats 3]
+        [--nets dvsgesture nmnist] [--batches 1 8 32 72] [--target-s 3] [--out benchmarks/results]
+
+For the paper's DvsGesture network (2x32x32, conv 7x7 64-128-128, pool 2-1-2, 11 classes) and
+N-MNIST network (the same stack plus a 10-unit dense layer), at every batch size, on random
+events of 2 % density, it measures sample-time-steps per second of
+
+- ``train``: ``rule.train_sequence`` of ``threefactor`` (one optimiser step per time step), and
+  the training loop body of the authors' ``decolle.utils.train`` (PyPI ``decolle==0.2``, when
+  installed: ``.venv/bin/pip install --no-deps decolle==0.2``) on their ``LenetDECOLLE``;
+- ``infer``: ``predict_sequence`` (no autograd) against the body of ``decolle.utils.test``;
+
+and the machine's practical peak: a 2048^3 fp32 matmul and a 7x7 128->128 conv on 16x16 maps
+(batch 32, channels-last). Each throughput is turned into GFLOP/s with the FLOPs per
+sample-step counted analytically (``_harness.flops_per_sample_step``) and reported as a
+fraction of that peak. Every measurement runs in a fresh subprocess; ours and theirs alternate
+within each repeat, so the ratio ours/theirs is taken between neighbours in time. Writes
+``speed.json`` and ``speed.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _harness as H  # noqa: E402
+
+MODULE = "benchmarks.speed"
+
+
+# --- worker side ----------------------------------------------------------------------------
+
+
+def _time_peak_matmul(n: int = 2048, min_s: float = 2.0) -> dict:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b, out=c)
+        reps += 1
+        el = time.perf_counter() - t0
+        if el >= min_s and reps >= 3:
+            break
+    return {"gflops": 2 * n**3 * reps / el / 1e9, "reps": reps, "elapsed_s": el, "n": n}
+
+
+def _time_peak_conv(batch: int = 32, ch: int = 128, hw: int = 16, k: int = 7, min_s: float = 2.0) -> dict:
+    import torch
+
+    conv = torch.nn.Conv2d(ch, ch, k, padding=k // 2).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, ch, hw, hw).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):
+            conv(x)
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            conv(x)
+            reps += 1
+            el = time.perf_counter() - t0
+            if el >= min_s and reps >= 3:
+                break
+    macs = batch * hw * hw * ch * ch * k * k
+    return {"gflops": 2 * macs * reps / el / 1e9, "reps": reps, "elapsed_s": el,
+            "shape": f"{batch}x{ch}x{hw}x{hw}, {k}x{k}, {ch} out"}
+
+
+def _steps_for(per_step_s: float, target_s: float, lo: int = 5, hi: int = 2000) -> int:
+    return int(min(hi, max(lo, round(target_s / max(per_step_s, 1e-6)))))
+
+
+def _ours(spec: dict) -> dict:
+    import torch
+
+    from threefactor.rules.decolle import predict_sequence
+
+    net = H.NETWORKS[spec["net"]]
+    batch, mode = spec["batch"], spec["mode"]
+    network, _, rule = H.build_ours(net, "decolle", **spec.get("options", {}))
+    labels = H.random_labels(batch, net.n_classes)
+    if mode == "train":
+        network.train()
+
+        def run(x):
+            rule.train_sequence(x, labels)
+    else:
+        network.eval()
+
+        def run(x):
+            predict_sequence(network, x, labels, 0, "smooth_l1")
+
+    warm = H.random_events(batch, 3, net.input_shape, seed=1)
+    run(warm)  # first-use allocations and kernel selection
+    t0 = time.perf_counter()
+    run(warm)
+    steps = _steps_for((time.perf_counter() - t0) / 3, spec["target_s"])
+    x = H.random_events(batch, steps, net.input_shape, seed=2)
+    t0 = time.perf_counter()
+    run(x)
+    el = time.perf_counter() - t0
+    return {"steps": steps, "elapsed_s": el, "sample_steps_per_s": batch * steps / el,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _theirs(spec: dict) -> dict:
+    import torch
+
+    net = H.NETWORKS[spec["net"]]
+    batch, mode = spec["batch"], spec["mode"]
+    model, optimizer, loss_fn = H.build_authors(net)
+    labels = H.random_labels(batch, net.n_classes)
+
+    def run(x):
+        target, mask = H.authors_targets(labels, x.shape[1], net.n_classes)
+        if mode == "train":
+            model.train()
+            model.init(x, 0)  # their state reset (one step without gradient), not timed
+            t0 = time.perf_counter()
+            H.authors_train_steps(model, optimizer, loss_fn, x, target, mask)
+        else:
+            model.eval()
+            with torch.no_grad():
+                model.init(x, 0)
+            t0 = time.perf_counter()
+            H.authors_infer_steps(model, loss_fn, x, target)
+        return time.perf_counter() - t0
+
+    warm = H.random_events(batch, 3, net.input_shape, seed=1)
+    run(warm)
+    steps = _steps_for(run(warm) / 3, spec["target_s"])
+    x = H.random_events(batch, steps, net.input_shape, seed=2)
+    el = run(x)
+    return {"steps": steps, "elapsed_s": el, "sample_steps_per_s": batch * steps / el,
+            "torch_threads": torch.get_num_threads()}
+
+
+def worker(spec: dict) -> dict:
+    H.worker_setup(spec["threads"])
+    kind = spec["kind"]
+    if kind == "peak_matmul":
+        return _time_peak_matmul()
+    if kind == "peak_conv":
+        return _time_peak_conv()
+    if kind == "ours":
+        return _ours(spec)
+    if kind == "theirs":
+        ok, why = H.authors_available()
+        if not ok:
+            return {"error": why}
+        return _theirs(spec)
+    raise ValueError(f"unknown worker kind {kind!r}")
+
+
+# --- parent side ----------------------------------------------------------------------------
+
+
+def measure(args) -> dict:
+    theirs_ok, theirs_version = H.authors_available()
+    if not theirs_ok:
+        print(f"note: skipping the authors' column: {theirs_version}", file=sys.stderr)
+    raw: dict[str, list] = {"peak_matmul": [], "peak_conv": []}
+    cells = [(n, m, b) for n in args.nets for m in args.modes for b in args.batches]
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_all = time.perf_counter()
+    for rep in range(args.repeats):
+        for kind in ("peak_matmul", "peak_conv"):
+            r = H.run_worker(MODULE, {"kind": kind, "threads": args.threads}, args.threads)
+            raw[kind].append(r)
+            log(f"[rep {rep + 1}] {kind}: {r.get('gflops', r.get('error'))}")
+        for net, mode, batch in cells:
+            for impl in ("ours", "theirs"):
+                if impl == "theirs" and not theirs_ok:
+                    continue
+                spec = {"kind": impl, "net": net, "mode": mode, "batch": batch,
+                        "target_s": args.target_s, "threads": args.threads}
+                r = H.run_worker(MODULE, spec, args.threads, timeout=args.timeout)
+                raw.setdefault(f"{impl}/{net}/{mode}/{batch}", []).append(r)
+                log(f"[rep {rep + 1}] {impl:6s} {net:10s} {mode:5s} B={batch:3d}: "
+                    f"{r.get('sample_steps_per_s', r.get('error'))}")
+    wall = time.perf_counter() - t_all
+
+    def vals(key: str, field: str = "sample_steps_per_s") -> list[float]:
+        return [r[field] for r in raw.get(key, []) if field in r]
+
+    peak = {k: H.summarise(vals(k, "gflops")) for k in ("peak_matmul", "peak_conv")}
+    peak_ref = max((p["median"] or 0.0) for p in peak.values())
+    rows = []
+    for net, mode, batch in cells:
+        flops = H.flops_per_sample_step(H.NETWORKS[net])
+        f_step = flops["infer"] if mode == "infer" else flops["train_decolle"]
+        ours = vals(f"ours/{net}/{mode}/{batch}")
+        theirs = vals(f"theirs/{net}/{mode}/{batch}")
+        pairs = [o / t for o, t in zip(ours, theirs)] if len(ours) == len(theirs) else []
+        s_ours = H.summarise(ours)
+        row = {
+            "net": net, "mode": mode, "batch": batch,
+            "ours_sample_steps_per_s": s_ours,
+            "theirs_sample_steps_per_s": H.summarise(theirs) if theirs_ok else None,
+            "ratio_ours_over_theirs": H.summarise(pairs) if pairs else None,
+            "flops_per_sample_step": f_step,
+            "ours_gflops": (s_ours["median"] or 0) * f_step / 1e9,
+            "ours_fraction_of_peak": ((s_ours["median"] or 0) * f_step / 1e9 / peak_ref) if peak_ref else None,
+            "errors": [r["error"] for k in (f"ours/{net}/{mode}/{batch}", f"theirs/{net}/{mode}/{batch}")
+                       for r in raw.get(k, []) if "error" in r],
+        }
+        if mode == "train":
+            row["ours_fraction_of_peak_3x_convention"] = (
+                (s_ours["median"] or 0) * flops["train_3x"] / 1e9 / peak_ref if peak_ref else None)
+        if theirs_ok and theirs:
+            row["theirs_fraction_of_peak"] = H.summarise(theirs)["median"] * f_step / 1e9 / peak_ref
+        rows.append(row)
+    return {
+        "benchmark": "speed",
+        "command": " ".join(["python -m benchmarks.speed", *sys.argv[1:]]),
+        "machine": H.machine_info(args.threads),
+        "load_average_at_end": list(__import__("os").getloadavg()),
+        "settings": {"threads": args.threads, "repeats": args.repeats, "target_s": args.target_s,
+                     "input": "random events, 2 % of pixels x polarities on per step",
+                     "ours": "threefactor DecolleRule.train_sequence / predict_sequence; fast_sigmoid, "
+                             "lagged P, dropout 0.5, smooth L1, Adamax betas (0, 0.95), burn-in 0",
+                     "theirs": f"decolle=={theirs_version}: LenetDECOLLE + loop bodies of decolle.utils."
+                               "train (online_update) / test" if theirs_ok else theirs_version},
+        "flops": {n: H.flops_per_sample_step(H.NETWORKS[n]) for n in args.nets},
+        "peak_gflops": peak,
+        "peak_reference_gflops": peak_ref,
+        "results": rows,
+        "raw": raw,
+        "wall_s": wall,
+    }
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["results"]
+    nets = sorted({r["net"] for r in rows})
+    modes = [m for m in ("train", "infer") if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(len(modes), len(nets), figsize=(5.5 * len(nets), 4 * len(modes)),
+                             squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, net in enumerate(nets):
+            ax = axes[i][j]
+            sel = sorted((r for r in rows if r["net"] == net and r["mode"] == mode), key=lambda r: r["batch"])
+            xs = [r["batch"] for r in sel]
+            for key, label, color in (("ours_sample_steps_per_s", "threefactor", "C0"),
+                                      ("theirs_sample_steps_per_s", "decolle==0.2 (authors)", "C1")):
+                s = [r[key] for r in sel if r.get(key) and r[key]["median"]]
+                if len(s) != len(sel) or not s:
+                    continue
+                med = [v["median"] for v in s]
+                err = [[m - v["min"] for m, v in zip(med, s)], [v["max"] - m for m, v in zip(med, s)]]
+                ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=label, color=color)
+            for r in sel:
+                if r.get("ours_fraction_of_peak"):
+                    ax.annotate(f"{100 * r['ours_fraction_of_peak']:.0f}%", (r["batch"], r["ours_sample_steps_per_s"]["median"]),
+                                textcoords="offset points", xytext=(4, -12), fontsize=7, color="C0")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("sample-time-steps / s")
+            ax.set_title(f"{net}, {mode}")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+    m = data["machine"]
+    fig.suptitle(f"{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}; "
+                 f"peak {data['peak_reference_gflops']:.0f} GFLOP/s (% = fraction of peak)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(data: dict) -> str:
+    lines = ["net         mode  batch   ours/s (spread)     theirs/s (spread)   ours/theirs  %peak"]
+    for r in data["results"]:
+        o, t, q = r["ours_sample_steps_per_s"], r["theirs_sample_steps_per_s"], r["ratio_ours_over_theirs"]
+
+        def fmt(s):
+            return f"{s['median']:9.1f} ({100 * (s['spread'] or 0):3.0f}%)" if s and s["median"] else " " * 16
+
+        ratio = f"{q['median']:6.2f}x" if q and q["median"] else "   n/a "
+        frac = f"{100 * r['ours_fraction_of_peak']:5.1f}" if r["ours_fraction_of_peak"] else "  n/a"
+        lines.append(f"{r['net']:11s} {r['mode']:5s} {r['batch']:5d}  {fmt(o)}   {fmt(t)}   {ratio}     {frac}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every measurement (2)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nets", nargs="+", default=["dvsgesture", "nmnist"], choices=sorted(H.NETWORKS))
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 72])
+    p.add_argument("--target-s", type=float, default=3.0, help="seconds per timed sequence (3)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement (600)")
+    p.add_argument("--out", type=Path, default=H.ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="speed", help="file stem of the JSON and PNG (speed)")
+    args = p.parse_args(argv)
+    if args.worker:
+        try:
+            H.emit(worker(json.loads(args.worker)))
+        except Exception as err:  # noqa: BLE001 - reported to the parent as this cell's error
+            H.emit({"error": f"{type(err).__name__}: {err}"})
+        return None
+    data = measure(args)
+    H.write_json(args.out / f"{args.name}.json", data)
+    try:
+        plot(data, args.out / f"{args.name}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(table(data))
+    print(f"peak: matmul {data['peak_gflops']['peak_matmul']['median']:.1f} GFLOP/s, "
+          f"conv {data['peak_gflops']['peak_conv']['median']:.1f} GFLOP/s; wrote {args.out / args.name}.json/.png")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Backpropagation through time on the same networks: the baseline the local rules are measured by.
+
+Nothing is detached: the network runs with ``detach=False``, so gradients cross layers and
+steps (the burn-in steps included: they shape the state the later losses depend on). The loss
+is summed over every step after the burn-in (and over the layers of ``loss_layers``); one
+``backward()`` and one optimiser step follow each sequence. The graph of the whole sequence
+is held until then, so memory grows linearly with the number of steps T.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .decolle import LOSSES, Loss, SequenceResult, local_loss, regulariser, vote
+
+
+class BPTTRule:
+    """Full-gradient training of a ``DecolleNetwork`` or a ``LIFNetwork``."""
+
+    def __init__(
+        self,
+        network,
+        optimizer: torch.optim.Optimizer,
+        loss: Loss = "smooth_l1",
+        reg1: float = 0.0,
+        reg2: float = 0.0,
+        burn_in: int = 0,
+        loss_layers: Literal["all", "last"] = "all",
+    ) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+        if loss_layers not in ("all", "last"):
+            raise ValueError(f"unknown loss_layers {loss_layers!r}; valid: all, last")
+        self.network = network
+        self.optimizer = optimizer
+        self.loss = loss
+        self.reg1, self.reg2 = reg1, reg2
+        self.burn_in = burn_in
+        self.loss_layers = loss_layers
+
+    def layer_losses(self, out, labels: Tensor) -> Tensor:
+        """The loss of every layer's readout at one step (L,), graph attached."""
+        return torch.stack([
+            local_loss(y, labels, self.loss) + regulariser(u, self.reg1, self.reg2)
+            for y, u in zip(out.readouts, out.membranes)
+        ])
+
+    def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
+        """Learn from one batch of sequences ``x`` (B, T, ...): one update for the whole sequence."""
+        net = self.network
+        n_layers, steps = len(net.layers), x.shape[1]
+        votes = x.new_zeros(n_layers, x.shape[0], len(net.readouts[0].g))
+        loss_sum = x.new_zeros(n_layers)
+        total = None
+        state = None
+        for t in range(steps):
+            out, state = net(x[:, t], state, detach=False)
+            if t < self.burn_in:
+                continue
+            losses = self.layer_losses(out, labels)
+            step_loss = losses.sum() if self.loss_layers == "all" else losses[-1]
+            total = step_loss if total is None else total + step_loss
+            loss_sum += losses.detach()
+            vote(tuple(y.detach() for y in out.readouts), votes)
+        if total is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+        stats = {"optimizer_steps": int(total is not None)}
+        return SequenceResult(votes, loss_sum / max(steps - self.burn_in, 1), stats)
