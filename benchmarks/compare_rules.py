@@ -43,6 +43,53 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float | None:
+    """Return freed heap to the OS and reset the peak RSS to the current RSS (Linux >= 4.0), so
+    that the peak measured afterwards is that of training alone; returns the current RSS (MB)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return None
+    return _status_mb("VmRSS")
+
+
+class _SavedMeter:
+    """Peak bytes of tensors saved for backward that are alive at once (saved_tensors_hooks)."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        return _Saved(self, t)
+
+    @staticmethod
+    def unpack(saved):
+        return saved.t
+
+
+class _Saved:
+    def __init__(self, meter: _SavedMeter, t) -> None:
+        self.meter, self.t, self.bytes = meter, t, t.numel() * t.element_size()
+        meter.live += self.bytes
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self) -> None:
+        self.meter.live -= self.bytes
+
+
 def _overrides(args) -> list[str]:
     over = [
         f"train.epochs={args.epochs}", f"data.n_train={args.n_train}", f"data.n_test={args.n_test}",
@@ -75,7 +122,7 @@ def worker(args) -> dict:
     optimizer = make_optimizer(cfg, network)
     scheduler = make_scheduler(cfg, optimizer)
     rule = make_rule(cfg, network, optimizer)
-    rss_before = _maxrss_mb()
+    rss_before = _reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
@@ -109,8 +156,10 @@ def worker(args) -> dict:
         "history": history,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t0,
-        "maxrss_mb": _maxrss_mb(),
-        "maxrss_before_training_mb": rss_before,
+        "maxrss_mb": _maxrss_mb(),  # of the whole process (data, LSUV included)
+        "rss_before_training_mb": rss_before,
+        "peak_rss_training_mb": _status_mb("VmHWM") if rss_before is not None else None,
+        "autograd_peak_mb": _autograd_peak_mb(rule, train_data, cfg, device),
         # the mean over the last quarter of the batches (after the threshold has adapted)
         "update_fraction": ([sum(f[j] for f in fractions[-max(len(fractions) // 4, 1):])
                              / len(fractions[-max(len(fractions) // 4, 1):]) for j in range(len(fractions[0]))]
@@ -124,22 +173,44 @@ def worker(args) -> dict:
     return result
 
 
+def _autograd_peak_mb(rule, data, cfg, device) -> float:
+    """Peak MB of saved-for-backward tensors during one training batch, measured on a copy of
+    the rule (network and optimiser included) so that the trained network is not changed."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(rule)
+    x = data.frames[: cfg.train.batch_size].to(device, torch.float32)
+    y = data.labels[: cfg.train.batch_size].to(device)
+    meter = _SavedMeter()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        probe.train_sequence(x, y)
+    return meter.peak / 2**20
+
+
 def table(results: list[dict], budget: str) -> str:
     n_layers = max(len(r["test_accuracy"]) for r in results)
     cuda = any("cuda_peak_mb" in r for r in results)
     head = (["rule"] + [f"test acc L{j + 1}" for j in range(n_layers)]
-            + ["train time (s)", "peak RSS (MB)", "RSS growth in training (MB)"]
+            + ["train time (s)", "autograd peak per batch (MB)", "peak RSS in training (MB)",
+               "RSS growth in training (MB)"]
             + (["CUDA peak (MB)"] if cuda else []) + ["update fraction per layer"])
     lines = [f"Budget: {budget}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         frac = r["update_fraction"]
         row = ([r["rule"]] + [f"{a:.3f}" for a in r["test_accuracy"]]
-               + [f"{r['train_time_s']:.0f}", f"{r['maxrss_mb']:.0f}",
-                  f"{r['maxrss_mb'] - r['maxrss_before_training_mb']:.0f}"]
+               + [f"{r['train_time_s']:.0f}", f"{r['autograd_peak_mb']:.1f}", _mb(r.get("peak_rss_training_mb")),
+                  _mb(None if r.get("peak_rss_training_mb") is None
+                      else r["peak_rss_training_mb"] - r["rss_before_training_mb"])]
                + ([f"{r.get('cuda_peak_mb', float('nan')):.0f}"] if cuda else [])
                + [" / ".join(f"{f:.3f}" for f in frac) if frac else "1 update per sequence"])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mb(v) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

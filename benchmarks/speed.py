@@ -47,14 +47,16 @@ def _time_peak_matmul(n: int = 2048, min_s: float = 2.0) -> dict:
     c = torch.empty(n, n)
     for _ in range(2):
         torch.mm(a, b, out=c)
-    reps, t0 = 0, time.perf_counter()
+    reps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         torch.mm(a, b, out=c)
         reps += 1
         el = time.perf_counter() - t0
         if el >= min_s and reps >= 3:
             break
-    return {"gflops": 2 * n**3 * reps / el / 1e9, "reps": reps, "elapsed_s": el, "n": n}
+    cpu = time.process_time() - c0
+    return {"gflops": 2 * n**3 * reps / el / 1e9, "gflops_per_cpu_s": 2 * n**3 * reps / cpu / 1e9,
+            "reps": reps, "elapsed_s": el, "cpu_s": cpu, "n": n}
 
 
 def _time_peak_conv(batch: int = 32, ch: int = 128, hw: int = 16, k: int = 7, min_s: float = 2.0) -> dict:
@@ -65,15 +67,17 @@ def _time_peak_conv(batch: int = 32, ch: int = 128, hw: int = 16, k: int = 7, mi
     with torch.no_grad():
         for _ in range(2):
             conv(x)
-        reps, t0 = 0, time.perf_counter()
+        reps, t0, c0 = 0, time.perf_counter(), time.process_time()
         while True:
             conv(x)
             reps += 1
             el = time.perf_counter() - t0
             if el >= min_s and reps >= 3:
                 break
+        cpu = time.process_time() - c0
     macs = batch * hw * hw * ch * ch * k * k
-    return {"gflops": 2 * macs * reps / el / 1e9, "reps": reps, "elapsed_s": el,
+    return {"gflops": 2 * macs * reps / el / 1e9, "gflops_per_cpu_s": 2 * macs * reps / cpu / 1e9,
+            "reps": reps, "elapsed_s": el, "cpu_s": cpu,
             "shape": f"{batch}x{ch}x{hw}x{hw}, {k}x{k}, {ch} out"}
 
 
@@ -107,11 +111,11 @@ def _ours(spec: dict) -> dict:
     run(warm)
     steps = _steps_for((time.perf_counter() - t0) / 3, spec["target_s"])
     x = H.random_events(batch, steps, net.input_shape, seed=2)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     run(x)
-    el = time.perf_counter() - t0
-    return {"steps": steps, "elapsed_s": el, "sample_steps_per_s": batch * steps / el,
-            "torch_threads": torch.get_num_threads()}
+    el, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"steps": steps, "elapsed_s": el, "cpu_s": cpu, "sample_steps_per_s": batch * steps / el,
+            "sample_steps_per_cpu_s": batch * steps / cpu, "torch_threads": torch.get_num_threads()}
 
 
 def _theirs(spec: dict) -> dict:
@@ -127,23 +131,23 @@ def _theirs(spec: dict) -> dict:
         if mode == "train":
             model.train()
             model.init(x, 0)  # their state reset (one step without gradient), not timed
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             H.authors_train_steps(model, optimizer, loss_fn, x, target, mask)
         else:
             model.eval()
             with torch.no_grad():
                 model.init(x, 0)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             H.authors_infer_steps(model, loss_fn, x, target)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     warm = H.random_events(batch, 3, net.input_shape, seed=1)
     run(warm)
-    steps = _steps_for(run(warm) / 3, spec["target_s"])
+    steps = _steps_for(run(warm)[0] / 3, spec["target_s"])
     x = H.random_events(batch, steps, net.input_shape, seed=2)
-    el = run(x)
-    return {"steps": steps, "elapsed_s": el, "sample_steps_per_s": batch * steps / el,
-            "torch_threads": torch.get_num_threads()}
+    el, cpu = run(x)
+    return {"steps": steps, "elapsed_s": el, "cpu_s": cpu, "sample_steps_per_s": batch * steps / el,
+            "sample_steps_per_cpu_s": batch * steps / cpu, "torch_threads": torch.get_num_threads()}
 
 
 def worker(spec: dict) -> dict:
@@ -168,7 +172,9 @@ def worker(spec: dict) -> dict:
 
 def measure(args) -> dict:
     theirs_ok, theirs_version = H.authors_available()
-    if not theirs_ok:
+    if "theirs" not in args.impls:
+        theirs_ok, theirs_version = False, "not measured (--impls without theirs)"
+    elif not theirs_ok:
         print(f"note: skipping the authors' column: {theirs_version}", file=sys.stderr)
     raw: dict[str, list] = {"peak_matmul": [], "peak_conv": []}
     cells = [(n, m, b) for n in args.nets for m in args.modes for b in args.batches]
@@ -183,7 +189,7 @@ def measure(args) -> dict:
             raw[kind].append(r)
             log(f"[rep {rep + 1}] {kind}: {r.get('gflops', r.get('error'))}")
         for net, mode, batch in cells:
-            for impl in ("ours", "theirs"):
+            for impl in args.impls:
                 if impl == "theirs" and not theirs_ok:
                     continue
                 spec = {"kind": impl, "net": net, "mode": mode, "batch": batch,
@@ -199,6 +205,8 @@ def measure(args) -> dict:
 
     peak = {k: H.summarise(vals(k, "gflops")) for k in ("peak_matmul", "peak_conv")}
     peak_ref = max((p["median"] or 0.0) for p in peak.values())
+    peak_cpu = {k: H.summarise(vals(k, "gflops_per_cpu_s")) for k in ("peak_matmul", "peak_conv")}
+    peak_cpu_ref = max((p["median"] or 0.0) for p in peak_cpu.values())
     rows = []
     for net, mode, batch in cells:
         flops = H.flops_per_sample_step(H.NETWORKS[net])
@@ -218,6 +226,15 @@ def measure(args) -> dict:
             "errors": [r["error"] for k in (f"ours/{net}/{mode}/{batch}", f"theirs/{net}/{mode}/{batch}")
                        for r in raw.get(k, []) if "error" in r],
         }
+        ours_c = H.summarise(vals(f"ours/{net}/{mode}/{batch}", "sample_steps_per_cpu_s"))
+        theirs_c = vals(f"theirs/{net}/{mode}/{batch}", "sample_steps_per_cpu_s")
+        row["ours_sample_steps_per_cpu_s"] = ours_c
+        row["theirs_sample_steps_per_cpu_s"] = H.summarise(theirs_c) if theirs_c else None
+        pairs_c = ([o / t for o, t in zip(vals(f"ours/{net}/{mode}/{batch}", "sample_steps_per_cpu_s"), theirs_c)]
+                   if theirs_c and len(theirs_c) == len(ours) else [])
+        row["ratio_ours_over_theirs_cpu_time"] = H.summarise(pairs_c) if pairs_c else None
+        row["ours_fraction_of_peak_cpu_time"] = (
+            (ours_c["median"] or 0) * f_step / 1e9 / peak_cpu_ref if peak_cpu_ref else None)
         if mode == "train":
             row["ours_fraction_of_peak_3x_convention"] = (
                 (s_ours["median"] or 0) * flops["train_3x"] / 1e9 / peak_ref if peak_ref else None)
@@ -238,6 +255,8 @@ def measure(args) -> dict:
         "flops": {n: H.flops_per_sample_step(H.NETWORKS[n]) for n in args.nets},
         "peak_gflops": peak,
         "peak_reference_gflops": peak_ref,
+        "peak_gflops_per_cpu_s": peak_cpu,
+        "peak_reference_gflops_per_cpu_s": peak_cpu_ref,
         "results": rows,
         "raw": raw,
         "wall_s": wall,
@@ -310,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--nets", nargs="+", default=["dvsgesture", "nmnist"], choices=sorted(H.NETWORKS))
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 72])
+    p.add_argument("--impls", nargs="+", default=["ours", "theirs"], choices=["ours", "theirs"],
+                   help="ours (threefactor) and/or theirs (decolle==0.2)")
     p.add_argument("--target-s", type=float, default=3.0, help="seconds per timed sequence (3)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement (600)")
     p.add_argument("--out", type=Path, default=H.ROOT / "benchmarks" / "results")

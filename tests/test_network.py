@@ -17,6 +17,7 @@ from threefactor.train import make_optimizer
 
 def _cfg(**kw) -> NetworkConfig:
     layers = [LayerConfig("conv", 3, 3, 2), LayerConfig("conv", 4, 3, 1), LayerConfig("dense", 6)]
+    kw.setdefault("dropout", 0.0)  # tests that need readout dropout ask for it
     return NetworkConfig(layers=layers, readout_scale=2.0, **kw)
 
 

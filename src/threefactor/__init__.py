@@ -1,19 +1,21 @@
 """threefactor: online, local learning in spiking neural networks (DECOLLE, S-TLLR)."""
 
 from .config import Config, ConfigError, load_config
-from .layers import DecolleLayer, LocalReadout
+from .export import export_nir, from_nir
+from .layers import DecolleLayer, LIFLayer, LocalReadout
 from .network import DecolleNetwork, NetworkOutput, build_network, lsuv_init
 from .neurons import (
-    DecolleOutput, DecolleParams, DecolleState, decolle_step, input_trace_step, spike,
-    surrogate_derivative,
+    DecolleOutput, DecolleParams, DecolleState, LIFParams, LIFState, decolle_step,
+    input_trace_step, lif_step, spike, surrogate_derivative,
 )
-from .rules.decolle import DecolleRule, predict_sequence
+from .rules import BPTTRule, DecolleRule, STLLRRule, make_rule, predict_sequence
 from .train import load_checkpoint, train
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "ConfigError", "load_config", "DecolleLayer", "LocalReadout", "DecolleNetwork",
-    "NetworkOutput", "build_network", "lsuv_init", "DecolleOutput", "DecolleParams",
-    "DecolleState", "decolle_step", "input_trace_step", "spike", "surrogate_derivative",
-    "DecolleRule", "predict_sequence", "load_checkpoint", "train",
+    "Config", "ConfigError", "load_config", "export_nir", "from_nir", "DecolleLayer", "LIFLayer",
+    "LocalReadout", "DecolleNetwork", "NetworkOutput", "build_network", "lsuv_init",
+    "DecolleOutput", "DecolleParams", "DecolleState", "LIFParams", "LIFState", "decolle_step",
+    "input_trace_step", "lif_step", "spike", "surrogate_derivative", "BPTTRule", "DecolleRule",
+    "STLLRRule", "make_rule", "predict_sequence", "load_checkpoint", "train",
 ]

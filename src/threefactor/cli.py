@@ -72,9 +72,19 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demos import run_regression
+    from .train import RunError
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("regression-%Y%m%d-%H%M%S")
-    run_regression(out, epochs=args.epochs, seed=args.seed)
+    kwargs = {k: v for k, v in (("epochs", args.epochs), ("hidden", args.hidden),
+                                ("duration_ms", args.duration_ms)) if v is not None}
+    try:
+        result = run_regression(out, seed=args.seed, **kwargs)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    except OSError as err:
+        raise RunError(f"cannot write the output directory {out}: {err.strerror}") from None
+    print(f"done in {result.seconds:.0f} s; final MSE per layer "
+          + " ".join(f"L{i + 1} {e:.4f}" for i, e in enumerate(result.mse)) + f"; results in {out}")
     return 0
 
 
@@ -103,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="small demonstrations of the paper (regression: Sec. 3.1, Fig. 1)")
     p.add_argument("name", choices=["regression"], help="which demo")
     p.add_argument("--out", help="output directory (default: runs/regression-<date-time>)")
-    p.add_argument("--epochs", type=int, default=None, help="presentations of the input (default: the demo's)")
+    p.add_argument("--epochs", type=int, default=None, help="presentations of the input (default: 20)")
+    p.add_argument("--hidden", type=int, default=None, help="neurons per layer (default: 512)")
+    p.add_argument("--duration-ms", type=int, default=None, help="length of the input spike train (default: 500)")
     p.add_argument("--seed", type=int, default=0, help="random seed (input spike train, weights)")
     p.set_defaults(func=_demo)
     return parser

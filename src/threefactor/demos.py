@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .config import LayerConfig, NetworkConfig
+from .config import LayerConfig, NetworkConfig, NeuronConfig
 from .network import DecolleNetwork, build_network, lsuv_init
 from .rules.decolle import DecolleRule, regulariser
 
@@ -62,8 +62,9 @@ class RegressionRule(DecolleRule):
     def layer_losses(self, out, targets: Tensor) -> Tensor:
         t = self._t
         self._t += 1
+        reg = bool(self.reg1 or self.reg2)
         return torch.stack([
-            regression_loss(y, targets[:, t, i]) + regulariser(u, self.reg1, self.reg2)
+            regression_loss(y, targets[:, t, i]) + (regulariser(u, self.reg1, self.reg2) if reg else 0.0)
             for i, (y, u) in enumerate(zip(out.readouts, out.membranes))
         ])
 
@@ -88,6 +89,58 @@ def regression_mse(network: DecolleNetwork, x: Tensor, targets: Tensor, burn_in:
     return err.tolist()
 
 
+@torch.no_grad()
+def center_neurons(
+    network: DecolleNetwork, x: Tensor, skip_steps: int = 0, target_mean: float = 0.0,
+    target_std: float = 1.0, iters: int = 4,
+) -> list[tuple[float, float]]:
+    """Per-neuron data-driven init: every neuron's U fluctuates around the threshold over ``x``.
+
+    Layer-wise LSUV fixes the mean and variance of U over a whole layer; with one fixed input
+    most of that variance is *between* neurons (each one's U nearly constant in time), so half
+    of them never spike and half spike all the time, with nothing in between to learn from.
+    Here, layer by layer, each neuron's weights are rescaled until its U has ``target_std``
+    over time, and its bias shifted until its U has mean 0 over time. Returns per layer the
+    fraction of neurons that never spike and the mean firing rate afterwards.
+    """
+    was = network.training
+    network.eval()
+    inputs = x  # (T, B, ...) input of the current layer
+    stats = []
+    for layer in network.layers:
+        syn = layer.synapse
+        for it in range(iters + 1):
+            state, us, ss = None, [], []
+            for t in range(inputs.shape[0]):
+                out, state = layer(inputs[t], state)
+                us.append(out.u)
+                ss.append(out.s)
+            u = torch.stack(us)[skip_steps:].flatten(2)  # (T, B, N)
+            if it == iters:
+                break
+            mean, std = u.mean((0, 1)), u.std(0).mean(0)
+            scale = (target_std / std.clamp_min(1e-3)).clamp(0.1, 10.0)
+            syn.weight.mul_(scale.view(-1, *([1] * (syn.weight.dim() - 1))))
+            syn.bias.mul_(scale).sub_((mean - target_mean) * scale)
+        spikes = torch.stack(ss)
+        rate = spikes[skip_steps:].flatten(2).mean((0, 1))
+        stats.append(((rate == 0).float().mean().item(), rate.mean().item()))
+        inputs = spikes
+    network.train(was)
+    return stats
+
+
+@torch.no_grad()
+def input_activity(network: DecolleNetwork, x: Tensor, skip_steps: int = 0) -> list[float]:
+    """Per layer, the mean over time of sum_j P_j: the summed trace of its inputs."""
+    state, sums = None, torch.zeros(len(network.layers))
+    for t in range(x.shape[0]):
+        _, state = network(x[t:t + 1], state)
+        if t >= skip_steps:
+            sums += torch.stack([s.p.sum() for s in state])
+    return (sums / max(x.shape[0] - skip_steps, 1)).clamp_min(1e-3).tolist()
+
+
 @dataclass
 class RegressionResult:
     mse: list[float]  # per layer, after training (a pass without updates)
@@ -99,12 +152,14 @@ class RegressionResult:
 
 
 def build_regression_network(
-    n_inputs: int = 100, hidden: int = 512, layers: int = 3, readout_scale: float = 2.0,
-    seed: int = 0,
+    n_inputs: int = 100, hidden: int = 512, layers: int = 3, readout_scale: float = 0.5,
+    seed: int = 0, surrogate: str = "boxcar",
 ) -> DecolleNetwork:
     cfg = NetworkConfig(
         layers=[LayerConfig("dense", hidden, 1, 1) for _ in range(layers)],
-        surrogate="boxcar", readout_scale=readout_scale, init="lsuv",
+        neuron=NeuronConfig(alpha=0.97, beta=0.92, gamma=0.65, rho=1.0, ordering="current"),
+        surrogate=surrogate, readout_scale=readout_scale, feedback_alignment=False, dropout=0.0,
+        init="lsuv",
     )
     return build_network(cfg, (n_inputs,), 1, seed)
 
@@ -116,10 +171,12 @@ def run_regression(
     n_inputs: int = 100,
     duration_ms: int = 500,
     rate_hz: float = 50.0,
-    epochs: int | None = None,
-    lr: float = 2e-3,
-    burn_in: int = 10,
-    readout_scale: float = 2.0,
+    epochs: int = 20,
+    lr: float = 2e-2,
+    burn_in: int = 30,
+    init_mean: float = -1.0,
+    readout_scale: float = 0.5,
+    surrogate: str = "boxcar",
     reg1: float = 0.0,
     reg2: float = 0.0,
     seed: int = 0,
@@ -128,19 +185,40 @@ def run_regression(
 ) -> RegressionResult:
     """Sec. 3.1: train three layers towards a ramp, a fast and a slow sine; report the MSEs.
 
+    The network: ``build_network`` with three dense layers, LSUV, then ``center_neurons`` so that
+    every neuron's U fluctuates around the threshold (mean ``init_mean``, std 1) over the input.
+    One epoch is one presentation of the same spike train, with one Adamax step (betas (0,
+    0.95)) per time step after ``burn_in``. Adamax moves each weight by about its lr per step,
+    so U moves by about lr * sum_j P_j: each layer's lr is ``lr / sum_j P_j`` (mean over time
+    of its inputs' traces) so that all layers take steps of the same size in U.
+
     Writes ``regression.png`` (Fig. 1: readouts vs targets and U/S/P/R of a few neurons) and
     ``regression.json`` into ``out_dir`` when given.
     """
-    epochs = 60 if epochs is None else epochs
+    if hidden < 1 or n_inputs < 1 or epochs < 0 or not 0 <= burn_in < duration_ms:
+        raise ValueError(f"regression demo: need hidden, n_inputs >= 1, epochs >= 0 and 0 <= burn_in "
+                         f"< duration_ms, got {hidden}, {n_inputs}, {epochs}, {burn_in}, {duration_ms}")
+    out = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)  # an unwritable place fails here, before training
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     x = poisson_input(n_inputs, duration_ms, rate_hz, seed)
     targets = regression_targets(duration_ms)[:, :, None]  # (T, L=3, K=1)
-    network = build_regression_network(n_inputs, hidden, 3, readout_scale, seed)
+    network = build_regression_network(n_inputs, hidden, 3, readout_scale, seed, surrogate)
     lsuv_init(network, x[None], target_mean=0.0, skip_steps=burn_in)
-    optimizer = torch.optim.Adamax(network.parameters(), lr=lr, betas=(0.0, 0.95))
+    init_stats = center_neurons(network, x[:, None], burn_in, target_mean=init_mean)
+    log("init: per-neuron centring, (silent fraction, mean rate) per layer: "
+        + ", ".join(f"({a:.2f}, {b:.2f})" for a, b in init_stats))
+    # Adamax moves every weight by about lr per step, so U moves by about lr * sum_j P_j: the
+    # layers are given the same step in U, whatever their input activity.
+    activity = input_activity(network, x, burn_in)
+    groups = [{"params": list(layer.parameters()), "lr": lr / a} for layer, a in zip(network.layers, activity)]
+    optimizer = torch.optim.Adamax(groups, lr=lr, betas=(0.0, 0.95))
     rule = RegressionRule(network, optimizer, "mse", reg1, reg2, burn_in)
 
+    network.eval()  # no dropout here; eval mode only skips nn.Dropout's call (faster steps)
     initial = regression_mse(network, x, targets, burn_in)
     variance = targets[burn_in:].var(0, unbiased=False).mean(1).tolist()
     log(f"regression: {hidden} x 3 dense DECOLLE neurons, {n_inputs} Poisson inputs at "
@@ -150,16 +228,14 @@ def run_regression(
     for epoch in range(1, epochs + 1):
         res = rule.train_sequence(x[None], targets[None])
         history.append((2.0 * res.loss).tolist())  # loss is 0.5 * squared error (K = 1)
-        if epoch % max(1, epochs // 6) == 0 or epoch == epochs:
+        if epoch % max(1, epochs // 5) == 0 or epoch == epochs:
             log(f"  epoch {epoch}: training MSE " + " ".join(f"L{i + 1} {e:.4f}" for i, e in enumerate(history[-1])))
     final = regression_mse(network, x, targets, burn_in)
     result = RegressionResult(final, initial, variance, history, time.perf_counter() - t0)
     log("final MSE (no updates): " + " ".join(f"L{i + 1} {e:.4f}" for i, e in enumerate(final))
         + " | target variance " + " ".join(f"{v:.3f}" for v in variance)
         + f" | {result.seconds:.1f} s")
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         if plot:
             try:
                 result.figure = str(plot_regression(network, x, targets, result, out / "regression.png", burn_in))

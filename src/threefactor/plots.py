@@ -158,7 +158,7 @@ def record_states(network, x: Tensor, n_neurons: int = 3, n_inputs: int = 3) -> 
     Per layer: ``inputs`` (T, n_inputs) spikes into the layer and ``p`` their traces P,
     ``u``, ``s``, ``r`` (T, n_neurons) of the chosen neurons, ``y`` (T, C) the readout, and the
     chosen indices. Neurons are chosen among those that spike, but not at every other step;
-    inputs are the most active ones (largest mean P).
+    inputs are those whose trace P varies most over time (not the ones always on or off).
     """
     was_training = network.training
     network.eval()
@@ -168,6 +168,7 @@ def record_states(network, x: Tensor, n_neurons: int = 3, n_inputs: int = 3) -> 
     counts: list[Tensor | None] = [None] * n_layers
     u_mean: list[Tensor | None] = [None] * n_layers
     p_mean: list[Tensor | None] = [None] * n_layers
+    p_sq: list[Tensor | None] = [None] * n_layers
     state = None
     for t in range(x.shape[0]):  # pass 1: choose the neurons and inputs to show
         out, state = network(x[t:t + 1].to(device), state)
@@ -176,6 +177,7 @@ def record_states(network, x: Tensor, n_neurons: int = 3, n_inputs: int = 3) -> 
             counts[i] = s if counts[i] is None else counts[i] + s
             u_mean[i] = u if u_mean[i] is None else u_mean[i] + u
             p_mean[i] = p if p_mean[i] is None else p_mean[i] + p
+            p_sq[i] = p * p if p_sq[i] is None else p_sq[i] + p * p
     steps = x.shape[0]
     chosen, chosen_in = [], []
     for i in range(n_layers):
@@ -190,7 +192,8 @@ def record_states(network, x: Tensor, n_neurons: int = 3, n_inputs: int = 3) -> 
                 if len(picks) == min(n_neurons, len(c)):
                     break
         chosen.append(torch.tensor(picks))
-        chosen_in.append(torch.argsort(p_mean[i].cpu(), descending=True, stable=True)[:n_inputs])
+        p_var = (p_sq[i] / steps - (p_mean[i] / steps) ** 2).cpu()
+        chosen_in.append(torch.argsort(p_var, descending=True, stable=True)[:n_inputs])
     rec = [{k: [] for k in ("inputs", "p", "u", "s", "r", "y")} for _ in range(n_layers)]
     state = None
     for t in range(steps):  # pass 2: record them

@@ -1,0 +1,262 @@
+"""Peak memory of one training sequence against its length T, for DECOLLE, S-TLLR and BPTT.
+
+    OMP_NUM_THREADS=2 ./dev run python -m benchmarks.memory [--rules decolle stllr bptt]
+        [--batches 1 8] [--steps 50 100 200 400 800 1800] [--max-gb 6] [--max-run-s 400]
+        [--threads 2] [--out benchmarks/results]
+
+On the paper's DvsGesture network (2x32x32 input, conv 7x7 64-128-128, pool 2-1-2, 11
+classes; S-TLLR on the same stack with soft-reset LIF neurons), every point is one call of
+``rule.train_sequence`` (rules from ``threefactor.rules.make_rule``, burn-in 0) on random events
+of 2 % density, in a fresh subprocess. On CPU its memory is the peak resident set size
+(``ru_maxrss``) of that subprocess minus the median peak of baseline subprocesses that only
+build the same model and optimiser (``delta_mb``); ``delta_minus_input_mb`` also removes the
+input tensor (B x T x 2 x 32 x 32 float32), which grows with T for every rule. On a GPU it is
+``torch.cuda.max_memory_allocated`` minus what the model holds before the sequence.
+
+A point is skipped (and said so in the JSON) when a linear extrapolation from the two points
+before it predicts more than ``--max-gb`` or more than ``--max-run-s`` seconds: the machine is
+shared. Writes ``memory.json`` and ``memory.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _harness as H  # noqa: E402
+
+MODULE = "benchmarks.memory"
+MB = 2**20
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    H.worker_setup(spec["threads"])
+    net = H.NETWORKS[spec["net"]]
+    device = torch.device(spec.get("device", "cpu"))
+    network, optimizer, rule = H.build_ours(net, spec["rule"], **spec.get("options", {}))
+    network.to(device)
+    network.train()
+    if spec.get("baseline"):
+        return {"peak_rss_mb": _peak_rss_bytes() / MB,
+                "cuda_allocated_mb": torch.cuda.memory_allocated() / MB if device.type == "cuda" else None}
+    batch, steps = spec["batch"], spec["steps"]
+    x = H.random_events(batch, steps, net.input_shape, seed=2).to(device)
+    labels = H.random_labels(batch, net.n_classes).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    rule.train_sequence(x, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    out = {"peak_rss_mb": _peak_rss_bytes() / MB, "elapsed_s": elapsed,
+           "input_mb": x.numel() * x.element_size() / MB, "rule_class": type(rule).__name__}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / MB
+    return out
+
+
+def _extrapolate(points: list[tuple[int, float]], t: int) -> float | None:
+    """Linear prediction at ``t`` from the last two (T, value) points (None with fewer)."""
+    if len(points) < 2:
+        return points[-1][1] * t / points[-1][0] if points else None
+    (t1, v1), (t2, v2) = points[-2], points[-1]
+    slope = (v2 - v1) / (t2 - t1) if t2 != t1 else 0.0
+    return v2 + max(slope, 0.0) * (t - t2)
+
+
+def measure(args) -> dict:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    make_rule = H.has_make_rule()
+    rules = args.rules if make_rule else [r for r in args.rules if r in ("decolle", "bptt")]
+    note = None if make_rule else (
+        "threefactor.rules.make_rule does not exist in this checkout: decolle through DecolleRule "
+        "and bptt through the benchmark's own loop (benchmarks._harness.SimpleBPTT); stllr skipped")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    base_spec = {"net": args.net, "threads": args.threads, "device": device, "baseline": True}
+    baselines = {}
+    for rule in rules:
+        vals = []
+        for _ in range(args.baseline_repeats):
+            r = H.run_worker(MODULE, {**base_spec, "rule": rule}, args.threads)
+            key = "cuda_allocated_mb" if device == "cuda" else "peak_rss_mb"
+            if key in r and r[key] is not None:
+                vals.append(r[key])
+        baselines[rule] = H.summarise(vals)
+        log(f"baseline {rule}: {baselines[rule]['median']} MB (spread {baselines[rule]['spread']})")
+
+    rows = []
+    t_all = time.perf_counter()
+    for rule in rules:
+        base = baselines[rule]["median"] or 0.0
+        for batch in args.batches:
+            mem_pts: list[tuple[int, float]] = []
+            time_pts: list[tuple[int, float]] = []
+            for steps in args.steps:
+                row = {"rule": rule, "batch": batch, "steps": steps}
+                pred_mb = _extrapolate(mem_pts, steps)
+                pred_s = _extrapolate(time_pts, steps)
+                if pred_mb is not None and pred_mb > args.max_gb * 1024:
+                    row["skipped"] = f"predicted {pred_mb / 1024:.1f} GB > --max-gb {args.max_gb}"
+                elif pred_s is not None and pred_s > args.max_run_s:
+                    row["skipped"] = f"predicted {pred_s:.0f} s > --max-run-s {args.max_run_s:.0f}"
+                if "skipped" in row:
+                    row["predicted_delta_mb"] = pred_mb
+                    rows.append(row)
+                    log(f"{rule:7s} B={batch} T={steps}: skipped ({row['skipped']})")
+                    continue
+                spec = {"net": args.net, "threads": args.threads, "device": device, "rule": rule,
+                        "batch": batch, "steps": steps}
+                repeats = args.repeats if (pred_s or 0) < args.repeat_below_s else 1
+                runs = [H.run_worker(MODULE, spec, args.threads, timeout=max(3 * args.max_run_s, 600))
+                        for _ in range(repeats)]
+                good = [r for r in runs if "error" not in r]
+                if not good:
+                    row["error"] = runs[0].get("error")
+                    rows.append(row)
+                    log(f"{rule:7s} B={batch} T={steps}: error {row['error']}")
+                    continue
+                key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
+                deltas = [r[key] - (0.0 if device == "cuda" else base) for r in good]
+                d = H.summarise(deltas)
+                row.update({
+                    "delta_mb": d, "peak_mb": H.summarise([r[key] for r in good]),
+                    "input_mb": good[0]["input_mb"],
+                    "delta_minus_input_mb": d["median"] - (0.0 if device == "cuda" else good[0]["input_mb"]),
+                    "elapsed_s": H.summarise([r["elapsed_s"] for r in good]),
+                    "rule_class": good[0]["rule_class"],
+                })
+                rows.append(row)
+                mem_pts.append((steps, d["median"]))
+                time_pts.append((steps, row["elapsed_s"]["median"]))
+                log(f"{rule:7s} B={batch} T={steps}: +{d['median']:.0f} MB "
+                    f"({row['delta_minus_input_mb']:.0f} MB without input), {row['elapsed_s']['median']:.1f} s")
+    return {
+        "benchmark": "memory",
+        "command": " ".join(["python -m benchmarks.memory", *sys.argv[1:]]),
+        "machine": H.machine_info(args.threads),
+        "device": device,
+        "measure": ("torch.cuda.max_memory_allocated during the sequence minus memory allocated before it"
+                    if device == "cuda" else
+                    "ru_maxrss of the subprocess minus the median ru_maxrss of subprocesses that only "
+                    "build the model and optimiser"),
+        "settings": {"net": args.net, "rules": rules, "batches": args.batches, "steps": args.steps,
+                     "threads": args.threads, "max_gb": args.max_gb, "max_run_s": args.max_run_s,
+                     "make_rule": make_rule, "note": note,
+                     "rule_settings": "make_rule defaults with burn-in 0, smooth L1, Adamax; decolle/bptt: "
+                                      "fast_sigmoid, lagged P, dropout 0.5; stllr: soft-reset LIF, "
+                                      "vision factors, backprop learning signal, update every step"},
+        "baseline_mb": baselines,
+        "results": rows,
+        "wall_s": time.perf_counter() - t_all,
+    }
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"decolle": "C0", "stllr": "C2", "bptt": "C3"}
+    styles = {b: s for b, s in zip(sorted({r["batch"] for r in data["results"]}), ("-o", "--s", ":^", "-.v"))}
+    for ax, key, title in ((axes[0], "delta", "peak memory of training minus model"),
+                           (axes[1], "delta_minus_input_mb", "the same without the input tensor")):
+        for rule in data["settings"]["rules"]:
+            for batch in data["settings"]["batches"]:
+                sel = [r for r in data["results"] if r["rule"] == rule and r["batch"] == batch and "delta_mb" in r]
+                if not sel:
+                    continue
+                xs = [r["steps"] for r in sel]
+                ys = [r["delta_mb"]["median"] if key == "delta" else r[key] for r in sel]
+                ax.plot(xs, [max(y, 1.0) for y in ys], styles[batch], color=colors.get(rule),
+                        label=f"{rule}, batch {batch}")
+                skipped = [r for r in data["results"] if r["rule"] == rule and r["batch"] == batch
+                           and "skipped" in r and r.get("predicted_delta_mb")]
+                if skipped and key == "delta":
+                    ax.plot([r["steps"] for r in skipped], [r["predicted_delta_mb"] for r in skipped], "x",
+                            color=colors.get(rule), alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (steps)")
+        ax.set_ylabel("MB")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    m = data["machine"]
+    fig.suptitle(f"DvsGesture network; {m['cpu_model']}, torch {m['torch']}, {data['device']} "
+                 f"(x: skipped, extrapolated)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(data: dict) -> str:
+    lines = ["rule     batch      T   delta MB  (-input)   time s"]
+    for r in data["results"]:
+        if "delta_mb" in r:
+            lines.append(f"{r['rule']:8s} {r['batch']:5d} {r['steps']:6d} {r['delta_mb']['median']:9.0f} "
+                         f"{r['delta_minus_input_mb']:9.0f} {r['elapsed_s']['median']:8.1f}")
+        else:
+            lines.append(f"{r['rule']:8s} {r['batch']:5d} {r['steps']:6d}   {r.get('skipped') or r.get('error')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--net", default="dvsgesture", choices=sorted(H.NETWORKS))
+    p.add_argument("--rules", nargs="+", default=["decolle", "stllr", "bptt"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--steps", nargs="+", type=int, default=[50, 100, 200, 400, 800, 1800])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--max-gb", type=float, default=6.0, help="skip points predicted above this (6)")
+    p.add_argument("--max-run-s", type=float, default=400.0, help="skip points predicted to run longer (400)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per point when it is quick (2)")
+    p.add_argument("--repeat-below-s", type=float, default=30.0, help="repeat only points predicted under this")
+    p.add_argument("--baseline-repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=H.ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="memory")
+    args = p.parse_args(argv)
+    if args.worker:
+        try:
+            H.emit(worker(json.loads(args.worker)))
+        except Exception as err:  # noqa: BLE001
+            H.emit({"error": f"{type(err).__name__}: {err}"})
+        return None
+    data = measure(args)
+    H.write_json(args.out / f"{args.name}.json", data)
+    try:
+        plot(data, args.out / f"{args.name}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(table(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()
