@@ -100,7 +100,7 @@ def test_exact_graph_metadata_holds_dt_ordering_and_decays(tmp_path):
     assert meta["ordering"] == "lagged"
     assert meta["mode"] == "exact"
     assert meta["threshold_comparison"] == ">="
-    p = DecolleParams()
+    p = net.layers[0].params  # the decays the network was built with
     for key, tau_key, value in (("alpha", "tau_mem", p.alpha), ("beta", "tau_syn", p.beta),
                                 ("gamma", "tau_ref", p.gamma)):
         assert float(meta[key]) == value

@@ -133,3 +133,10 @@ def test_filters_of_a_dense_first_layer_and_neuron_states(tmp_path):
         assert rec["u"].shape == rec["s"].shape == rec["r"].shape == (50, 3)
         assert rec["p"].shape == rec["inputs"].shape == (50, 2) and rec["y"].shape == (50, 1)
         assert len(set(rec["neurons"])) == 3
+
+
+def test_inputs_that_are_not_images_are_drawn_as_a_raster(tmp_path):
+    from threefactor.plots import plot_input_events
+
+    frames = (torch.rand(40, 1, 1, 70) < 0.1).to(torch.uint8)  # SHD-like: channels, no image
+    _assert_non_trivial(plot_input_events(frames, 1, ["a", "b"], tmp_path / "raster.png"), min_side=300)

@@ -323,3 +323,16 @@ def test_an_injected_nan_stops_the_run_after_the_last_good_checkpoint(tmp_path, 
     monkeypatch.undo()
     summary = train(cfg, tmp_path / "run", log=lambda s: None, resume=True)
     assert summary["batches"] == 8
+
+
+def test_raising_train_epochs_continues_a_finished_run_exactly(finished_run, killed_and_resumed, tmp_path):
+    """A 1-epoch run extended to 2 epochs ends where the 2-epoch reference run ends."""
+    import shutil
+
+    run = tmp_path / "extended"
+    shutil.copytree(finished_run, run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("epochs: 1", "epochs: 2"))
+    train(load_config(run / "config.yaml"), run, log=lambda s: None, resume=True)
+    a, b = read_checkpoint(killed_and_resumed["ref"]), read_checkpoint(run)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(_rows(run)) == 12

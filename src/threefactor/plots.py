@@ -110,7 +110,7 @@ def plot_filters(network, input_shape: Sequence[int], path: str | Path, max_filt
     w = network.layers[0].synapse.weight.detach().float().cpu()
     if w.dim() == 4:  # conv: (C_out, C_in, k, k)
         kind = f"{w.shape[2]} x {w.shape[3]} kernels"
-    elif len(input_shape) == 3:  # dense on a (C, H, W) input: receptive fields
+    elif len(input_shape) == 3 and min(input_shape[1:]) > 1:  # dense on a (C, H, W) image
         w = w.reshape(w.shape[0], *input_shape)
         kind = "receptive fields"
     else:  # dense on a flat input
@@ -151,69 +151,89 @@ def plot_filters(network, input_shape: Sequence[int], path: str | Path, max_filt
 # --- Fig. 1: neuron states over time --------------------------------------------------------
 
 
+def _layer_view(network, out, state, i: int, layer_input: Tensor):
+    """(u, s, p, r) of layer ``i`` flattened over its neurons / inputs, and its threshold.
+
+    DECOLLE: U and S after pooling, the input traces P and the refractory trace R. Soft-reset
+    LIF (S-TLLR): the neurons' u and spikes before pooling, the raw input in place of P, no R.
+    """
+    st = state[i]
+    if hasattr(st, "p"):
+        return (out.membranes[i].flatten(), out.spikes[i].flatten(), st.p.flatten(), st.r.flatten(), 0.0)
+    v_th = float(getattr(getattr(network.layers[i], "params", None), "v_th", 0.0))
+    return out.membranes[i].flatten(), st.s.flatten(), layer_input.flatten(), None, v_th
+
+
 @torch.no_grad()
 def record_states(network, x: Tensor, n_neurons: int = 3, n_inputs: int = 3) -> list[dict]:
     """Run one sample ``x`` (T, ...) and record a few neurons of every layer.
 
     Per layer: ``inputs`` (T, n_inputs) spikes into the layer and ``p`` their traces P,
-    ``u``, ``s``, ``r`` (T, n_neurons) of the chosen neurons, ``y`` (T, C) the readout, and the
-    chosen indices. Neurons are chosen among those that spike, but not at every other step;
-    inputs are those whose trace P varies most over time (not the ones always on or off).
+    ``u``, ``s``, ``r`` (T, n_neurons) of the chosen neurons (``r`` is None for LIF neurons,
+    which have no refractory trace), ``y`` (T, C) the readout, the chosen indices and the
+    ``threshold`` of U. Neurons are chosen among those that spike, but not at every other
+    step; inputs are those whose trace P varies most over time (not always on or off).
     """
     was_training = network.training
     network.eval()
     x = x.float()
     device = next(network.parameters()).device
     n_layers = len(network.layers)
-    counts: list[Tensor | None] = [None] * n_layers
-    u_mean: list[Tensor | None] = [None] * n_layers
-    p_mean: list[Tensor | None] = [None] * n_layers
-    p_sq: list[Tensor | None] = [None] * n_layers
-    state = None
-    for t in range(x.shape[0]):  # pass 1: choose the neurons and inputs to show
-        out, state = network(x[t:t + 1].to(device), state)
-        for i in range(n_layers):
-            s, u, p = out.spikes[i].flatten(), out.membranes[i].flatten(), state[i].p.flatten()
-            counts[i] = s if counts[i] is None else counts[i] + s
-            u_mean[i] = u if u_mean[i] is None else u_mean[i] + u
-            p_mean[i] = p if p_mean[i] is None else p_mean[i] + p
-            p_sq[i] = p * p if p_sq[i] is None else p_sq[i] + p * p
+    counts: list = [0.0] * n_layers
+    u_sum: list = [0.0] * n_layers
+    p_sum: list = [0.0] * n_layers
+    p_sq: list = [0.0] * n_layers
     steps = x.shape[0]
+    state = None
+    for t in range(steps):  # pass 1: choose the neurons and inputs to show
+        xt = x[t:t + 1].to(device)
+        out, state = network(xt, state)
+        for i in range(n_layers):
+            u, s, p, _, _ = _layer_view(network, out, state, i, xt if i == 0 else out.spikes[i - 1])
+            counts[i] = counts[i] + s
+            u_sum[i] = u_sum[i] + u
+            p_sum[i] = p_sum[i] + p
+            p_sq[i] = p_sq[i] + p * p
     chosen, chosen_in = [], []
     for i in range(n_layers):
         c = counts[i].cpu()
         score = torch.where((c > 0) & (c <= 0.5 * steps), c, torch.full_like(c, -1.0))
         order = torch.argsort(score, descending=True, stable=True)
         picks = [int(j) for j in order[:n_neurons] if score[j] > 0]
-        if len(picks) < n_neurons:
-            for j in torch.argsort(u_mean[i].cpu(), descending=True, stable=True).tolist():
+        if len(picks) < min(n_neurons, len(c)):
+            for j in torch.argsort(u_sum[i].cpu(), descending=True, stable=True).tolist():
                 if j not in picks:
                     picks.append(j)
                 if len(picks) == min(n_neurons, len(c)):
                     break
-        chosen.append(torch.tensor(picks))
-        p_var = (p_sq[i] / steps - (p_mean[i] / steps) ** 2).cpu()
-        chosen_in.append(torch.argsort(p_var, descending=True, stable=True)[:n_inputs])
+        chosen.append(torch.tensor(picks, device=device))
+        p_var = (p_sq[i] / steps - (p_sum[i] / steps) ** 2).cpu()
+        chosen_in.append(torch.argsort(p_var, descending=True, stable=True)[:n_inputs].to(device))
     rec = [{k: [] for k in ("inputs", "p", "u", "s", "r", "y")} for _ in range(n_layers)]
+    thresholds = [0.0] * n_layers
     state = None
     for t in range(steps):  # pass 2: record them
         xt = x[t:t + 1].to(device)
         out, state = network(xt, state)
         for i in range(n_layers):
             inp = xt if i == 0 else out.spikes[i - 1]
+            u, s, p, r, thresholds[i] = _layer_view(network, out, state, i, inp)
             idx, idx_in = chosen[i], chosen_in[i]
-            rec[i]["inputs"].append(inp.flatten()[idx_in.to(device)].cpu())
-            rec[i]["p"].append(state[i].p.flatten()[idx_in.to(device)].cpu())
-            rec[i]["u"].append(out.membranes[i].flatten()[idx.to(device)].cpu())
-            rec[i]["s"].append(out.spikes[i].flatten()[idx.to(device)].cpu())
-            rec[i]["r"].append(state[i].r.flatten()[idx.to(device)].cpu())
+            rec[i]["inputs"].append(inp.flatten()[idx_in].cpu())
+            rec[i]["p"].append(p[idx_in].cpu())
+            rec[i]["u"].append(u[idx].cpu())
+            rec[i]["s"].append(s[idx].cpu())
+            if r is not None:
+                rec[i]["r"].append(r[idx].cpu())
             rec[i]["y"].append(out.readouts[i][0].cpu())
     network.train(was_training)
     result = []
     for i in range(n_layers):
-        layer = {k: torch.stack(v).float().numpy() for k, v in rec[i].items()}
+        layer = {k: torch.stack(v).float().numpy() if v else None for k, v in rec[i].items()}
         layer["neurons"] = chosen[i].tolist()
         layer["input_units"] = chosen_in[i].tolist()
+        layer["threshold"] = thresholds[i]
+        layer["traces"] = layer["r"] is not None  # DECOLLE: p is the trace P; LIF: p is the input
         result.append(layer)
     return result
 
@@ -229,14 +249,18 @@ def draw_state_axes(axes: Sequence, rec: dict, t0: float = 0.0, show_xlabel: boo
         spikes = np.nonzero(rec["inputs"][:, k] > 0)[0]
         ax_p.plot(t[spikes], np.full(len(spikes), -0.08 * (k + 1) * max(rec["p"].max(), 1e-6)),
                   "|", color=colour, ms=5)
-    ax_p.set_ylabel("P (inputs)")
+    ax_p.set_ylabel("P (inputs)" if rec.get("traces", True) else "inputs")
     for k in range(rec["u"].shape[1]):
         colour = f"C{k}"
         ax_u.plot(t, rec["u"][:, k], color=colour, lw=1.0, label=f"neuron {rec['neurons'][k]}")
         spikes = np.nonzero(rec["s"][:, k] > 0)[0]
         ax_s.plot(t[spikes], np.full(len(spikes), k), "|", color=colour, ms=9, mew=1.5)
-        ax_r.plot(t, rec["r"][:, k], color=colour, lw=1.0)
-    ax_u.axhline(0.0, color="k", lw=0.8, ls="--")
+        if rec["r"] is not None:
+            ax_r.plot(t, rec["r"][:, k], color=colour, lw=1.0)
+    if rec["r"] is None:
+        ax_r.text(0.5, 0.5, "no refractory trace (soft-reset LIF)", ha="center", va="center",
+                  transform=ax_r.transAxes, color="0.4")
+    ax_u.axhline(rec.get("threshold", 0.0), color="k", lw=0.8, ls="--")
     ax_u.set_ylabel("U")
     ax_s.set_ylabel("S")
     ax_s.set_yticks(range(rec["u"].shape[1]))
@@ -287,8 +311,13 @@ def plot_neuron_states(
 
 def plot_input_events(frames: Tensor, label: int, classes: Sequence[str], path: str | Path,
                       n_snapshots: int = 6) -> Path:
-    """One sample's count frames (T, P, H, W): per-polarity sums, rate over time, snapshots."""
+    """One sample's count frames (T, P, H, W): per-polarity sums, rate over time, snapshots.
+
+    Inputs that are not images (e.g. SHD's 700 channels) are drawn as a raster instead.
+    """
     f = frames.float().cpu().numpy()
+    if f.ndim != 4 or min(f.shape[2:]) == 1:
+        return _plot_input_raster(f.reshape(f.shape[0], -1), label, classes, path)
     steps, channels = f.shape[0], f.shape[1]
     names = _channel_names(channels)
     fig = _figure(3.0 * max(n_snapshots, channels + 2) * 0.75, 6.8)
@@ -324,6 +353,21 @@ def plot_input_events(frames: Tensor, label: int, classes: Sequence[str], path: 
         ax.set_axis_off()
     bottom.suptitle("snapshots (red: ON, blue: OFF)" if channels == 2 else "snapshots", fontsize=10)
     fig.suptitle(f"an input sample: class {classes[label]!r}, {steps} steps of 1 ms")
+    return _save(fig, path)
+
+
+def _plot_input_raster(f: np.ndarray, label: int, classes: Sequence[str], path: str | Path) -> Path:
+    """(T, N) counts of a non-image input: channels over time, and events per ms."""
+    fig = _figure(11, 6)
+    ax_r, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    t, ch = np.nonzero(f > 0)
+    ax_r.plot(t, ch, ",", color="k") if len(t) > 5000 else ax_r.plot(t, ch, "|", color="k", ms=3)
+    ax_r.set(ylabel="input channel", ylim=(-0.5, f.shape[1] - 0.5))
+    ax_n.plot(np.arange(f.shape[0]), f.sum(1), color="tab:blue")
+    ax_n.set(xlabel="time step", ylabel="events per step")
+    for ax in (ax_r, ax_n):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"an input sample: class {classes[label]!r}, {int(f.sum())} events in {f.shape[0]} steps")
     return _save(fig, path)
 
 
