@@ -36,6 +36,26 @@ def _median_us(fn, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def _compare_with_tonic(path: Path, events: np.ndarray, repeats: int) -> None:
+    """The same read and binning through Tonic, in the same run, when Tonic is installed."""
+    try:
+        import tonic
+    except ImportError:
+        print("tonic is not installed: no comparison (pip install tonic, constrained to the installed torch)")
+        return
+    dtype = tonic.datasets.NMNIST.dtype
+    theirs = tonic.io.read_mnist_file(str(path), dtype=dtype)
+    same = all(np.array_equal(theirs[f], events[f]) for f in "xytp")
+    frames = tonic.transforms.Compose([
+        tonic.transforms.CenterCrop((34, 34, 2), (32, 32)),
+        tonic.transforms.ToFrame(sensor_size=(32, 32, 2), time_window=1000),
+    ])
+    read_us = _median_us(lambda: tonic.io.read_mnist_file(str(path), dtype=dtype), repeats)
+    bin_us = _median_us(lambda: frames(theirs), repeats)
+    print(f"tonic {tonic.__version__}, median of {repeats}: read {read_us:.0f} us, crop+bin {bin_us:.0f} us; "
+          f"events identical to ours: {same}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("png", type=Path, help="where to save the event-count image")
@@ -51,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     bin_us = _median_us(lambda: to_frames(events), args.repeats)
     both_us = _median_us(lambda: to_frames(read_bin(args.file)), args.repeats)
     print(f"{args.file.name}: {len(events)} events, {events['t'].max() / 1000:.1f} ms")
-    print(f"median of {args.repeats}: read {read_us:.0f} us, crop+bin to (300, 2, 32, 32) {bin_us:.0f} us, "
-          f"read+crop+bin {both_us:.0f} us")
+    print(f"threefactor, median of {args.repeats}: read {read_us:.0f} us, crop+bin to (300, 2, 32, 32) "
+          f"{bin_us:.0f} us, read+crop+bin {both_us:.0f} us")
+    _compare_with_tonic(args.file, events, args.repeats)
 
     import matplotlib
 

@@ -81,14 +81,61 @@ def _time_peak_conv(batch: int = 32, ch: int = 128, hw: int = 16, k: int = 7, mi
             "shape": f"{batch}x{ch}x{hw}x{hw}, {k}x{k}, {ch} out"}
 
 
+def _burst_peak(reps: int = 6) -> float:
+    """Best GFLOP/s of a few short bursts (1024^3 matmul; 7x7 conv 128->128 on 4x16x16,
+    channels-last), measured in the worker just before its timed run: a peak under the same load."""
+    import torch
+
+    n = 1024
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    conv = torch.nn.Conv2d(128, 128, 7, padding=3).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 128, 16, 16).contiguous(memory_format=torch.channels_last)
+    conv_flop = 2 * 4 * 16 * 16 * 128 * 128 * 49
+    best = 0.0
+    with torch.no_grad():
+        torch.mm(a, b, out=c)
+        conv(x)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+            t0 = time.perf_counter()
+            conv(x)
+            best = max(best, conv_flop / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def _steps_for(per_step_s: float, target_s: float, lo: int = 5, hi: int = 2000) -> int:
     return int(min(hi, max(lo, round(target_s / max(per_step_s, 1e-6)))))
+
+
+def use_legacy_layout() -> None:
+    """Put DecolleLayer back to the layout it had before the speed work: channels-last for every
+    conv layer, R created NCHW (for the interleaved before/after measurement, impl ``ours_cl``)."""
+    import torch
+
+    from threefactor import layers
+
+    def _flat(self, x):
+        if isinstance(self.synapse, torch.nn.Linear):
+            return x.flatten(1) if x.dim() > 2 else x
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def initial_state(x, output_shape):
+        zeros = torch.zeros_like(x)
+        return layers.DecolleState(zeros, zeros.clone(), x.new_zeros(output_shape))
+
+    layers.DecolleLayer._flat = _flat
+    layers.initial_decolle_state = initial_state
 
 
 def _ours(spec: dict) -> dict:
     import torch
 
     from threefactor.rules.decolle import predict_sequence
+
+    if spec["kind"] == "ours_cl":
+        use_legacy_layout()
 
     net = H.NETWORKS[spec["net"]]
     batch, mode = spec["batch"], spec["mode"]
@@ -111,10 +158,12 @@ def _ours(spec: dict) -> dict:
     run(warm)
     steps = _steps_for((time.perf_counter() - t0) / 3, spec["target_s"])
     x = H.random_events(batch, steps, net.input_shape, seed=2)
+    peak_here = _burst_peak()
     c0, t0 = time.process_time(), time.perf_counter()
     run(x)
     el, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"steps": steps, "elapsed_s": el, "cpu_s": cpu, "sample_steps_per_s": batch * steps / el,
+            "peak_here_gflops": peak_here,
             "sample_steps_per_cpu_s": batch * steps / cpu, "torch_threads": torch.get_num_threads()}
 
 
@@ -145,8 +194,10 @@ def _theirs(spec: dict) -> dict:
     run(warm)
     steps = _steps_for(run(warm)[0] / 3, spec["target_s"])
     x = H.random_events(batch, steps, net.input_shape, seed=2)
+    peak_here = _burst_peak()
     el, cpu = run(x)
     return {"steps": steps, "elapsed_s": el, "cpu_s": cpu, "sample_steps_per_s": batch * steps / el,
+            "peak_here_gflops": peak_here,
             "sample_steps_per_cpu_s": batch * steps / cpu, "torch_threads": torch.get_num_threads()}
 
 
@@ -157,7 +208,7 @@ def worker(spec: dict) -> dict:
         return _time_peak_matmul()
     if kind == "peak_conv":
         return _time_peak_conv()
-    if kind == "ours":
+    if kind in ("ours", "ours_cl"):
         return _ours(spec)
     if kind == "theirs":
         ok, why = H.authors_available()
@@ -261,6 +312,19 @@ def aggregate(data: dict) -> dict:
                                                if peak_cpu_ref else None),
             "errors": [r["error"] for k in (key_o, key_t) for r in raw.get(k, []) if "error" in r],
         }
+        # each run against the burst peak measured in the same process just before it
+        here = [r["sample_steps_per_s"] * f_step / 1e9 / r["peak_here_gflops"]
+                for r in raw.get(key_o, []) if r.get("peak_here_gflops")]
+        row["ours_fraction_of_peak_paired"] = H.summarise(here) if here else None
+        key_c = f"ours_cl/{net}/{mode}/{batch}"
+        if raw.get(key_c):
+            cl, cl_c = vals(key_c), vals(key_c, "sample_steps_per_cpu_s")
+            row["ours_cl_sample_steps_per_s"] = H.summarise(cl)
+            row["ours_cl_sample_steps_per_cpu_s"] = H.summarise(cl_c)
+            if len(cl) == len(ours):
+                row["speedup_over_ours_cl"] = H.summarise([o / c for o, c in zip(ours, cl)])
+            if len(cl_c) == len(ours_c):
+                row["speedup_over_ours_cl_cpu_time"] = H.summarise([o / c for o, c in zip(ours_c, cl_c)])
         if mode == "train":
             row["ours_fraction_of_peak_3x_convention"] = (
                 (s_ours["max"] or 0) * flops["train_3x"] / 1e9 / peak_ref if peak_ref else None)
@@ -347,8 +411,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--nets", nargs="+", default=["dvsgesture", "nmnist"], choices=sorted(H.NETWORKS))
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 72])
-    p.add_argument("--impls", nargs="+", default=["ours", "theirs"], choices=["ours", "theirs"],
-                   help="ours (threefactor) and/or theirs (decolle==0.2)")
+    p.add_argument("--impls", nargs="+", default=["ours", "theirs"], choices=["ours", "theirs", "ours_cl"],
+                   help="ours (threefactor), theirs (decolle==0.2), ours_cl (threefactor with the "
+                        "all-channels-last layout it had before the speed work)")
     p.add_argument("--target-s", type=float, default=3.0, help="seconds per timed sequence (3)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement (600)")
     p.add_argument("--out", type=Path, default=H.ROOT / "benchmarks" / "results")

@@ -71,3 +71,31 @@ def test_missing_recordings_are_one_sentence_naming_where_they_were_looked_for(t
         load_split(cfg, "train")
     msg = str(err.value)
     assert "\n" not in msg and str(tmp_path) in msg and re.search(r"download", msg)
+
+
+def test_a_folder_of_own_recordings_trains_end_to_end(tmp_path):
+    """The tutorial's last step: train/ and test/ class folders of .npy files, 64 x 64 -> 32 x 32."""
+    from threefactor.data.events import make_events
+    from threefactor.train import train
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        for label in ("left", "right"):
+            folder = tmp_path / "rec" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                t = np.sort(rng.integers(0, 40_000, 300))
+                x = (t // 1000) if label == "right" else 63 - (t // 1000)
+                ev = make_events(np.clip(x, 0, 63), rng.integers(0, 64, 300), t, rng.integers(0, 2, 300))
+                np.save(folder / f"{i}.npy", ev)
+    cfg = load_config(None, [
+        "data.dataset=folder", f"data.root={tmp_path / 'rec'}", "data.timesteps=20", "data.dt_us=2000",
+        "data.downsample=2", "rule.burn_in=2", "train.epochs=1", "train.batch_size=4",
+        "train.progress=false", "train.plots=false", "train.tensorboard=false",
+        "network.layers=[{type: conv, channels: 4, kernel: 3, pool: 2}, {type: dense, channels: 8}]",
+    ])
+    train_split = load_split(cfg, "train")
+    assert train_split.frames.shape == (12, 20, 2, 32, 32)
+    assert train_split.classes == ("left", "right")
+    summary = train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert set(summary["test_accuracy"]) == {"layer1", "layer2"}

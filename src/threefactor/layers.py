@@ -21,6 +21,11 @@ from .neurons import (
 )
 
 
+# A conv DecolleLayer with at least this many input channels keeps its input, traces and
+# membrane in plain NCHW on CPU; narrower ones use channels-last (see DecolleLayer._flat).
+WIDE_CONV_CHANNELS = 32
+
+
 class DecolleLayer(nn.Module):
     """A synapse (``nn.Linear`` or ``nn.Conv2d``), optional max-pooling, and DECOLLE neurons."""
 
@@ -41,8 +46,13 @@ class DecolleLayer(nn.Module):
         if isinstance(self.synapse, nn.Linear):
             # A dense layer after a conv layer sees the flattened feature map.
             return x.flatten(1) if x.dim() > 2 else x
-        # Channels-last makes CPU max-pooling ~8x and the whole step ~2x faster; the traces
-        # created from x keep the layout, so this copies only when the input is not in it.
+        # Memory layout per layer, measured on CPU (docs/benchmarks.md): channels-last suits
+        # narrow inputs (its max-pooling is ~2x faster there); plain NCHW suits wide ones
+        # (in_channels >= WIDE_CONV_CHANNELS), where oneDNN's blocked kernels are 10-40 % faster
+        # and the weight is not copied into channels-last at every call. The traces created
+        # from x keep the layout, so this copies only when the input is not in it.
+        if x.device.type == "cpu" and self.synapse.in_channels >= WIDE_CONV_CHANNELS:
+            return x.contiguous()
         return x.contiguous(memory_format=torch.channels_last)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -184,9 +184,17 @@ def decolle_step(
 def initial_decolle_state(
     x: Tensor, output_shape: tuple[int, ...]
 ) -> DecolleState:
-    """All-zero state for input like ``x`` and outputs of ``output_shape`` (batch included)."""
+    """All-zero state for input like ``x`` and outputs of ``output_shape`` (batch included).
+
+    R takes the memory layout of ``x`` (channels-last or not): U comes out of the synapse in
+    that layout, and an R in another one would make every ``U - rho R`` and R update a slow
+    mixed-stride loop (same values either way)."""
     zeros = torch.zeros_like(x)
-    return DecolleState(zeros, zeros.clone(), x.new_zeros(output_shape))
+    r = x.new_zeros(output_shape)
+    if (r.dim() == 4 and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        r = r.contiguous(memory_format=torch.channels_last)
+    return DecolleState(zeros, zeros.clone(), r)
 
 
 def detach_state(state: DecolleState) -> DecolleState:

@@ -558,12 +558,14 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
     meter = SpikeMeter(network)
     closers.append(meter.close)
 
-    def record(epoch: int, split: str, accs, losses, rates) -> None:
+    def record(epoch: int, split: str, accs, losses, rates, stats: dict | None = None) -> None:
         for i, (a, l, r) in enumerate(zip(accs, losses, rates)):
             row = {"epoch": epoch, "split": split, "layer": i + 1, "accuracy": a, "loss": l,
                    "firing_rate": r, "lr": optimizer.param_groups[0]["lr"],
                    "batch": st.batch, "batches": st.batches_total, "samples": st.samples,
                    "time_s": now_s()}
+            # Rule-specific per-layer figures, e.g. the error-triggered update fraction.
+            row.update({k: v[i] for k, v in (stats or {}).items() if isinstance(v, list) and len(v) > i})
             metrics_file.write((json.dumps(row) + "\n").encode())
         metrics_file.flush()
 
@@ -640,7 +642,7 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
                 train_acc = (st.correct / st.seen).tolist()
                 train_loss = (st.loss_sum / st.seen).tolist()
                 train_rates = (st.rate_sum / st.seen).tolist()
-                record(epoch, "train", train_acc, train_loss, train_rates)
+                record(epoch, "train", train_acc, train_loss, train_rates, res.stats)
                 tb.epoch_metrics(st.batches_total, "train", train_acc, train_loss, train_rates)
                 test_eval(epoch)
                 tb.weights(st.batches_total, network)
