@@ -119,8 +119,6 @@ def lsuv_init(
     ``target_mean``, measured by running the network over ``x`` (B, T, ...) after
     ``skip_steps`` steps. Returns (mean, var) of U for every layer at the end.
     """
-    if isinstance(network, LIFNetwork):  # the LIF membrane integrates its input: see lsuv_init_lif
-        return lsuv_init_lif(network, x, target_mean, mean_tol, var_tol, max_iter, skip_steps)
     was_training = network.training
     network.eval()
 
@@ -141,6 +139,9 @@ def lsuv_init(
     stats = []
     for i, layer in enumerate(network.layers):
         syn = layer.synapse
+        # A LIF membrane integrates its input (gain up to 1 / (1 - gamma) for a constant drive):
+        # undamped bias shifts overshoot and the iteration diverges.
+        damping = 1.0 - layer.params.gamma if isinstance(network, LIFNetwork) else 1.0
         for _ in range(max_iter):
             mean, var = membrane_stats(i)
             var_ok = abs(var - 1.0) < var_tol
@@ -150,7 +151,7 @@ def lsuv_init(
             if not var_ok and var > 0:
                 syn.weight.div_(math.sqrt(var))
             if not mean_ok:
-                syn.bias.sub_(mean - target_mean)
+                syn.bias.sub_((mean - target_mean) * damping)
         stats.append(membrane_stats(i))
     network.train(was_training)
     return stats
@@ -239,55 +240,3 @@ def build_lif_network(
             LocalReadout(math.prod(shape), n_classes, cfg.readout_scale, cfg.feedback_alignment, gen)
         )
     return LIFNetwork(layers, readouts, cfg.dropout)
-
-
-@torch.no_grad()
-def lsuv_init_lif(
-    network: LIFNetwork,
-    x: Tensor,
-    target_mean: float = 0.0,
-    mean_tol: float = 0.2,
-    var_tol: float = 0.1,
-    max_iter: int = 50,
-    skip_steps: int = 0,
-) -> list[tuple[float, float]]:
-    """``lsuv_init`` for a ``LIFNetwork``: the same targets for the membrane u (mean within
-    ``mean_tol`` of ``target_mean``, Var(u) within ``var_tol`` of 1), but since u integrates its
-    input (gain up to 1 / (1 - gamma) for a constant drive) each bias shift is damped by
-    (1 - gamma); otherwise the shift overshoots and the iteration diverges. Recurrent weights
-    keep their initialisation. Returns (mean, var) of u for every layer at the end.
-    """
-    was_training = network.training
-    network.eval()
-
-    def membrane_stats(index: int) -> tuple[float, float]:
-        state = None
-        us = []
-        for t in range(x.shape[1]):
-            out, state = network(x[:, t], state)
-            if t >= skip_steps:
-                us.append(out.membranes[index])
-        u = torch.stack(us)
-        return u.mean().item(), u.var().item()
-
-    for layer in network.layers:
-        w = layer.synapse.weight
-        nn.init.orthogonal_(w.view(w.shape[0], -1))
-        layer.synapse.bias.zero_()
-    stats = []
-    for i, layer in enumerate(network.layers):
-        syn = layer.synapse
-        damping = 1.0 - layer.params.gamma
-        for _ in range(max_iter):
-            mean, var = membrane_stats(i)
-            var_ok = abs(var - 1.0) < var_tol
-            mean_ok = abs(mean - target_mean) < mean_tol
-            if var_ok and mean_ok:
-                break
-            if not var_ok and var > 0:
-                syn.weight.div_(math.sqrt(var))
-            if not mean_ok:
-                syn.bias.sub_((mean - target_mean) * damping)
-        stats.append(membrane_stats(i))
-    network.train(was_training)
-    return stats

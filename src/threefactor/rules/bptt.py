@@ -14,11 +14,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .decolle import LOSSES, Loss, SequenceResult, local_loss, regulariser, vote
+from .decolle import DecolleRule, Loss, SequenceResult, vote
 
 
-class BPTTRule:
-    """Full-gradient training of a ``DecolleNetwork`` or a ``LIFNetwork``."""
+class BPTTRule(DecolleRule):
+    """Full-gradient training of a ``DecolleNetwork`` or a ``LIFNetwork``.
+
+    It shares DECOLLE's per-step losses (``layer_losses``); only what is detached and when
+    the optimiser steps differ.
+    """
 
     def __init__(
         self,
@@ -30,23 +34,10 @@ class BPTTRule:
         burn_in: int = 0,
         loss_layers: Literal["all", "last"] = "all",
     ) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+        super().__init__(network, optimizer, loss, reg1, reg2, burn_in)
         if loss_layers not in ("all", "last"):
             raise ValueError(f"unknown loss_layers {loss_layers!r}; valid: all, last")
-        self.network = network
-        self.optimizer = optimizer
-        self.loss = loss
-        self.reg1, self.reg2 = reg1, reg2
-        self.burn_in = burn_in
         self.loss_layers = loss_layers
-
-    def layer_losses(self, out, labels: Tensor) -> Tensor:
-        """The loss of every layer's readout at one step (L,), graph attached."""
-        return torch.stack([
-            local_loss(y, labels, self.loss) + regulariser(u, self.reg1, self.reg2)
-            for y, u in zip(out.readouts, out.membranes)
-        ])
 
     def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
         """Learn from one batch of sequences ``x`` (B, T, ...): one update for the whole sequence."""
