@@ -120,10 +120,19 @@ class LocalReadout(nn.Module):
             self.register_buffer("h", g)
 
     def forward(self, s: Tensor) -> Tensor:
-        s = s.flatten(1)
+        g, h = self.g, self.h
+        if s.dim() == 4 and s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
+            # Read a channels-last map in its memory order (H, W, C) and reorder G to match:
+            # flattening it in (C, H, W) order would copy it, and its gradient would come back
+            # in the wrong layout and be copied again before max-pooling's backward.
+            c, hh, ww = s.shape[1:]
+            s = s.permute(0, 2, 3, 1)
+            g = g.view(-1, c, hh, ww).permute(0, 2, 3, 1)
+            h = h.view(-1, c, hh, ww).permute(0, 2, 3, 1)
+        s, g, h = s.flatten(1), g.flatten(1), h.flatten(1)
         if self.feedback_alignment:
-            return _FeedbackAlignedLinear.apply(s, self.g, self.h)
-        return s @ self.g.t()
+            return _FeedbackAlignedLinear.apply(s, g, h)
+        return s @ g.t()
 
     def extra_repr(self) -> str:
         return f"in={self.g.shape[1]}, out={self.g.shape[0]}, feedback_alignment={self.feedback_alignment}"
