@@ -134,7 +134,7 @@ class OptimConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.0, 0.95)
     layer_lr_scale: list[float] | None = None  # one multiplier per layer
-    lr_decay_every: int = 2  # epochs; 0 = constant
+    lr_decay_every: int = 3  # epochs; 0 = constant
     lr_decay_factor: float = 3.0  # lr is divided by this every lr_decay_every epochs
 
 
@@ -146,7 +146,7 @@ def _tensorboard_available() -> bool:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 32
     eval_batch_size: int = 128
     progress: bool = True
