@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .config import NetworkConfig
 from .layers import DecolleLayer, LIFLayer, LocalReadout
-from .neurons import DecolleParams, DecolleState, LIFParams, LIFState, detach_lif_state, detach_state
+from .neurons import DecolleParams, DecolleState, LIFParams
 
 
 class NetworkOutput(NamedTuple):
@@ -48,7 +48,8 @@ class DecolleNetwork(nn.Module):
             spikes.append(out.s)
             membranes.append(out.u)
             readouts.append(readout(self.dropout(out.s)))
-            states.append(detach_state(st) if detach else st)
+            # Any layer's state (DECOLLE's or LIF's) is a NamedTuple of tensors.
+            states.append(type(st)(*(t.detach() for t in st)) if detach else st)
             x = out.s.detach() if detach else out.s
         return NetworkOutput(tuple(spikes), tuple(membranes), tuple(readouts)), tuple(states)
 
@@ -160,40 +161,10 @@ def lsuv_init(
 # --- the same stack with soft-reset LIF neurons (S-TLLR; BPTT on the same network) ---------
 
 
-class LIFNetwork(nn.Module):
-    """LIF layers feeding forward, each with its fixed local readout (same interface as
-    ``DecolleNetwork``: ``forward(x, state, detach) -> (NetworkOutput, state)``).
-
-    ``NetworkOutput.spikes`` are the layers' outputs (after pooling), ``membranes`` the
-    neurons' u, ``readouts`` Y = G dropout(output).
-    """
-
-    def __init__(
-        self,
-        layers: Sequence[LIFLayer],
-        readouts: Sequence[LocalReadout],
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if len(layers) != len(readouts):
-            raise ValueError(f"{len(layers)} layers but {len(readouts)} readouts")
-        self.layers = nn.ModuleList(layers)
-        self.readouts = nn.ModuleList(readouts)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(
-        self, x: Tensor, state: tuple[LIFState, ...] | None = None, detach: bool = True
-    ) -> tuple[NetworkOutput, tuple[LIFState, ...]]:
-        """One time step. With ``detach`` no gradient crosses a layer or a step."""
-        spikes, membranes, readouts, states = [], [], [], []
-        for i, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
-            out, st = layer(x, None if state is None else state[i])
-            spikes.append(out.s)
-            membranes.append(out.u)
-            readouts.append(readout(self.dropout(out.s)))
-            states.append(detach_lif_state(st) if detach else st)
-            x = out.s.detach() if detach else out.s
-        return NetworkOutput(tuple(spikes), tuple(membranes), tuple(readouts)), tuple(states)
+class LIFNetwork(DecolleNetwork):
+    """LIF layers feeding forward, each with its fixed local readout: the same stack and
+    interface as ``DecolleNetwork``, with ``LIFLayer``s (``membranes`` are the neurons' u,
+    ``spikes`` the layers' outputs after pooling)."""
 
 
 def build_lif_network(
