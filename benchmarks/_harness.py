@@ -29,7 +29,8 @@ RESULT_TAG = "RESULT "
 
 @dataclass(frozen=True)
 class PaperNet:
-    """Conv 7x7 64-128-128 with max-pool 2-1-2 on 2 x 32 x 32 input (Kaiser et al. 2020)."""
+    """A conv stack with "same" padding on 2-channel event frames; by default the paper's:
+    conv 7x7 64-128-128 with max-pool 2-1-2 on 2 x 32 x 32 input (Kaiser et al. 2020)."""
 
     name: str
     n_classes: int
@@ -37,25 +38,32 @@ class PaperNet:
     lr: float
     dense_output: bool  # N-MNIST: a 10-unit dense layer after the conv stack (as in the spec)
     input_shape: tuple[int, int, int] = (2, 32, 32)
+    conv: tuple[tuple[int, int, int], ...] = ((64, 7, 2), (128, 7, 1), (128, 7, 2))  # channels, kernel, pool
 
     @property
     def layers(self) -> list[tuple[str, int, int, int]]:
         """(type, channels, kernel, pool) per layer."""
-        conv = [("conv", 64, 7, 2), ("conv", 128, 7, 1), ("conv", 128, 7, 2)]
+        conv = [("conv", c, k, p) for c, k, p in self.conv]
         return conv + ([("dense", self.n_classes, 1, 1)] if self.dense_output else [])
 
 
 NETWORKS = {
     "dvsgesture": PaperNet("dvsgesture", 11, 2.0, 3.6e-4, dense_output=False),
     "nmnist": PaperNet("nmnist", 10, 0.5, 1e-3, dense_output=True),
+    # the "small network" of the 1 kHz target: 3 conv layers, 3x3 8-16-16, pool 2-1-2, on
+    # 2 x 16 x 16 frames (e.g. a DVS downsampled 8x); 3.6k weights, 1.8k neurons
+    "small": PaperNet("small", 10, 0.5, 1e-3, dense_output=False, input_shape=(2, 16, 16),
+                      conv=((8, 3, 2), (16, 3, 1), (16, 3, 2))),
 }
 
 
 def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
-                 surrogate: str = "fast_sigmoid", ordering: str = "lagged", dropout: float = 0.5):
+                 surrogate: str = "fast_sigmoid", ordering: str = "lagged", dropout: float = 0.5,
+                 closed_form: bool = True):
     """A ``threefactor.config.Config`` for ``net`` trained by ``rule`` with the authors' settings
     (decays 0.97 / 0.92 / 0.65, fast-sigmoid surrogate, lagged P, dropout 0.5 into the readouts,
-    smooth L1, Adamax betas (0, 0.95)). ``stllr`` gets the same stack with soft-reset LIF neurons."""
+    smooth L1, Adamax betas (0, 0.95)). ``stllr`` gets the same stack with soft-reset LIF neurons.
+    ``closed_form=False`` makes DECOLLE take the autograd path (the before/after of the speed work)."""
     from threefactor.config import (Config, LayerConfig, NetworkConfig, NeuronConfig,
                                     OptimConfig, RuleConfig)
 
@@ -69,62 +77,21 @@ def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
         network.neuron_model = "lif"
     return Config(
         seed=0, device="cpu", network=network,
-        rule=RuleConfig(name=rule, loss="smooth_l1", burn_in=burn_in),
+        rule=RuleConfig(name=rule, loss="smooth_l1", burn_in=burn_in, closed_form=closed_form),
         optim=OptimConfig(name="adamax", lr=net.lr, betas=(0.0, 0.95), lr_decay_every=0),
     )
 
 
-def has_make_rule() -> bool:
-    try:
-        from threefactor.rules import make_rule  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_ours(net: PaperNet, rule: str = "decolle", **kw):
-    """(network, optimizer, rule) of ``threefactor`` for ``net``; ``rule`` through ``make_rule``
-    when the package has it (else decolle via ``DecolleRule``, bptt via ``SimpleBPTT``)."""
+    """(network, optimizer, rule) of ``threefactor`` for ``net``, as ``threefactor train`` builds them."""
     from threefactor.network import build_network
+    from threefactor.rules import make_rule
     from threefactor.train import make_optimizer
 
     cfg = paper_config(net, rule, **kw)
     network = build_network(cfg.network, net.input_shape, net.n_classes, cfg.seed)
     optimizer = make_optimizer(cfg, network)
-    if has_make_rule():
-        from threefactor.rules import make_rule
-
-        learner = make_rule(cfg, network, optimizer)
-    elif rule == "decolle":
-        from threefactor.rules.decolle import DecolleRule
-
-        learner = DecolleRule(network, optimizer, "smooth_l1", 0.0, 0.0, cfg.rule.burn_in)
-    elif rule == "bptt":
-        learner = SimpleBPTT(network, optimizer)
-    else:
-        raise RuntimeError(f"rule {rule!r} needs threefactor.rules.make_rule, which this checkout lacks")
-    return network, optimizer, learner
-
-
-class SimpleBPTT:
-    """Fallback BPTT loop (used only when ``threefactor.rules.make_rule`` does not exist):
-    network forward with ``detach=False``, smooth-L1 loss of every readout summed over all
-    steps, one ``backward()`` and one optimiser step per sequence."""
-
-    def __init__(self, network, optimizer):
-        self.network, self.optimizer = network, optimizer
-
-    def train_sequence(self, x, labels):
-        import torch.nn.functional as F
-
-        total, state = 0.0, None
-        for t in range(x.shape[1]):
-            out, state = self.network(x[:, t], state, detach=False)
-            for y in out.readouts:
-                total = total + F.smooth_l1_loss(y, F.one_hot(labels, y.shape[1]).to(y.dtype))
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+    return network, optimizer, make_rule(cfg, network, optimizer)
 
 
 def random_events(batch: int, steps: int, shape=(2, 32, 32), density: float = 0.02, seed: int = 0):
@@ -162,7 +129,7 @@ def authors_available() -> tuple[bool, str]:
 
 def build_authors(net: PaperNet, seed: int = 0):
     """``LenetDECOLLE`` as the authors' scripts build it from params_dvsgesture / params_nmnist
-    (conv 7x7 64-128-128, pool 2-1-2, no MLP layers, LIFLayer neurons with fast-sigmoid,
+    (``net.conv``: for the paper's nets conv 7x7 64-128-128, pool 2-1-2; no MLP layers, LIFLayer neurons with fast-sigmoid,
     alpha 0.97, beta 0.92, alpharp 0.65, dropout 0.5, 'rtrl' = DECOLLE detaching), its
     ``DECOLLELoss`` of smooth L1 per layer and Adamax with betas (0, 0.95).
     N-MNIST adds their dense output layer (``with_output_layer``)."""
@@ -172,9 +139,10 @@ def build_authors(net: PaperNet, seed: int = 0):
 
     torch.manual_seed(seed)
     model = LenetDECOLLE(
-        out_channels=net.n_classes, Nhid=[64, 128, 128], Mhid=[], kernel_size=[7], stride=[1],
-        pool_size=[2, 1, 2], input_shape=list(net.input_shape), alpha=[0.97], alpharp=[0.65],
-        beta=[0.92], dropout=[0.5], num_conv_layers=3, num_mlp_layers=0,
+        out_channels=net.n_classes, Nhid=[c for c, _, _ in net.conv], Mhid=[],
+        kernel_size=[k for _, k, _ in net.conv], stride=[1], pool_size=[p for _, _, p in net.conv],
+        input_shape=list(net.input_shape), alpha=[0.97], alpharp=[0.65],
+        beta=[0.92], dropout=[0.5], num_conv_layers=len(net.conv), num_mlp_layers=0,
         lc_ampl=net.readout_scale, lif_layer_type=LIFLayer, method="rtrl",
         with_output_layer=net.dense_output,
     )

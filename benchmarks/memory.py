@@ -7,11 +7,14 @@
 On the paper's DvsGesture network (2x32x32 input, conv 7x7 64-128-128, pool 2-1-2, 11
 classes; S-TLLR on the same stack with soft-reset LIF neurons), every point is one call of
 ``rule.train_sequence`` (rules from ``threefactor.rules.make_rule``, burn-in 0) on random events
-of 2 % density, in a fresh subprocess. On CPU its memory is the peak resident set size
-(``ru_maxrss``) of that subprocess minus the median peak of baseline subprocesses that only
-build the same model and optimiser (``delta_mb``); ``delta_minus_input_mb`` also removes the
-input tensor (B x T x 2 x 32 x 32 float32), which grows with T for every rule. On a GPU it is
-``torch.cuda.max_memory_allocated`` minus what the model holds before the sequence.
+of 2 % density, in a fresh subprocess. On CPU the main figure, ``training_growth_mb``, is the
+training's own memory: the peak RSS during ``train_sequence`` (VmHWM, reset just before it,
+after a 2-step warm-up that maps the kernels' code and scratch) minus the RSS just before it, so
+the model, the optimiser state and the input tensor (B x T x 2 x 32 x 32 float32, which grows with T for every rule and is data, not
+training state) are not counted. ``delta_mb`` is the whole process's peak (``ru_maxrss``)
+minus the median peak of baseline subprocesses that only build the same model and optimiser,
+input and its temporaries included. On a GPU it is ``torch.cuda.max_memory_allocated`` minus
+what the model holds before the sequence.
 
 A point is skipped (and said so in the JSON) when a linear extrapolation from the two points
 before it predicts more than ``--max-gb`` or more than ``--max-run-s`` seconds: the machine is
@@ -40,6 +43,30 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float | None:
+    """Give freed heap back to the OS and reset the peak RSS (VmHWM) to the current RSS (Linux
+    >= 4.0), so that the peak read afterwards is that of what runs next alone (here: building the
+    input, up to 2.25x its size in temporaries, is not counted); returns the RSS in MB."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return None
+    return _status_mb("VmRSS")
+
+
 def worker(spec: dict) -> dict:
     import torch
 
@@ -59,13 +86,20 @@ def worker(spec: dict) -> dict:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    # Two warm-up steps first: the first use of every kernel maps code and scratch buffers
+    # (~15 MB, the same at any T) that would otherwise count as the sequence's memory.
+    rule.train_sequence(x[:, :2], labels)
+    rss_before = _reset_peak_rss()
     t0 = time.perf_counter()
     rule.train_sequence(x, labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    hwm = _status_mb("VmHWM")
     out = {"peak_rss_mb": _peak_rss_bytes() / MB, "elapsed_s": elapsed,
-           "input_mb": x.numel() * x.element_size() / MB, "rule_class": type(rule).__name__}
+           "input_mb": x.numel() * x.element_size() / MB, "rule_class": type(rule).__name__,
+           "rss_before_training_mb": rss_before,
+           "training_growth_mb": None if rss_before is None or hwm is None else hwm - rss_before}
     if device.type == "cuda":
         out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / MB
     return out
@@ -86,11 +120,7 @@ def measure(args) -> dict:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    make_rule = H.has_make_rule()
-    rules = args.rules if make_rule else [r for r in args.rules if r in ("decolle", "bptt")]
-    note = None if make_rule else (
-        "threefactor.rules.make_rule does not exist in this checkout: decolle through DecolleRule "
-        "and bptt through the benchmark's own loop (benchmarks._harness.SimpleBPTT); stllr skipped")
+    rules = args.rules
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -145,14 +175,18 @@ def measure(args) -> dict:
                     "delta_mb": d, "peak_mb": H.summarise([r[key] for r in good]),
                     "input_mb": good[0]["input_mb"],
                     "delta_minus_input_mb": d["median"] - (0.0 if device == "cuda" else good[0]["input_mb"]),
+                    "training_growth_mb": H.summarise([r["training_growth_mb"] for r in good
+                                                       if r.get("training_growth_mb") is not None]),
                     "elapsed_s": H.summarise([r["elapsed_s"] for r in good]),
                     "rule_class": good[0]["rule_class"],
                 })
                 rows.append(row)
                 mem_pts.append((steps, d["median"]))
                 time_pts.append((steps, row["elapsed_s"]["median"]))
+                g = row["training_growth_mb"]["median"]
                 log(f"{rule:7s} B={batch} T={steps}: +{d['median']:.0f} MB "
-                    f"({row['delta_minus_input_mb']:.0f} MB without input), {row['elapsed_s']['median']:.1f} s")
+                    f"({row['delta_minus_input_mb']:.0f} MB without input; training alone "
+                    f"{'n/a' if g is None else f'{g:.1f}'} MB), {row['elapsed_s']['median']:.1f} s")
     return {
         "benchmark": "memory",
         "command": " ".join(["python -m benchmarks.memory", *sys.argv[1:]]),
@@ -164,9 +198,8 @@ def measure(args) -> dict:
                     "build the model and optimiser"),
         "settings": {"net": args.net, "rules": rules, "batches": args.batches, "steps": args.steps,
                      "threads": args.threads, "max_gb": args.max_gb, "max_run_s": args.max_run_s,
-                     "make_rule": make_rule, "note": note,
                      "rule_settings": "make_rule defaults with burn-in 0, smooth L1, Adamax; decolle/bptt: "
-                                      "fast_sigmoid, lagged P, dropout 0.5; stllr: soft-reset LIF, "
+                                      "fast_sigmoid, lagged P, dropout 0.5, decolle in closed form; stllr: soft-reset LIF, "
                                       "vision factors, backprop learning signal, update every step"},
         "baseline_mb": baselines,
         "results": rows,
@@ -183,15 +216,16 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"decolle": "C0", "stllr": "C2", "bptt": "C3"}
     styles = {b: s for b, s in zip(sorted({r["batch"] for r in data["results"]}), ("-o", "--s", ":^", "-.v"))}
-    for ax, key, title in ((axes[0], "delta", "peak memory of training minus model"),
-                           (axes[1], "delta_minus_input_mb", "the same without the input tensor")):
+    for ax, key, title in ((axes[0], "training_growth", "memory of training alone (peak during the sequence)"),
+                           (axes[1], "delta", "whole process minus model (input included)")):
         for rule in data["settings"]["rules"]:
             for batch in data["settings"]["batches"]:
-                sel = [r for r in data["results"] if r["rule"] == rule and r["batch"] == batch and "delta_mb" in r]
+                sel = [r for r in data["results"] if r["rule"] == rule and r["batch"] == batch and "delta_mb" in r
+                       and (key == "delta" or (r.get("training_growth_mb") or {}).get("median") is not None)]
                 if not sel:
                     continue
                 xs = [r["steps"] for r in sel]
-                ys = [r["delta_mb"]["median"] if key == "delta" else r[key] for r in sel]
+                ys = [r["delta_mb"]["median"] if key == "delta" else r["training_growth_mb"]["median"] for r in sel]
                 ax.plot(xs, [max(y, 1.0) for y in ys], styles[batch], color=colors.get(rule),
                         label=f"{rule}, batch {batch}")
                 skipped = [r for r in data["results"] if r["rule"] == rule and r["batch"] == batch
@@ -215,10 +249,12 @@ def plot(data: dict, path: Path) -> None:
 
 
 def table(data: dict) -> str:
-    lines = ["rule     batch      T   delta MB  (-input)   time s"]
+    lines = ["rule     batch      T  training MB   process MB  (-input)   time s"]
     for r in data["results"]:
         if "delta_mb" in r:
-            lines.append(f"{r['rule']:8s} {r['batch']:5d} {r['steps']:6d} {r['delta_mb']['median']:9.0f} "
+            g = (r.get("training_growth_mb") or {}).get("median")
+            lines.append(f"{r['rule']:8s} {r['batch']:5d} {r['steps']:6d} "
+                         f"{'n/a' if g is None else f'{g:.1f}':>12s} {r['delta_mb']['median']:12.0f} "
                          f"{r['delta_minus_input_mb']:9.0f} {r['elapsed_s']['median']:8.1f}")
         else:
             lines.append(f"{r['rule']:8s} {r['batch']:5d} {r['steps']:6d}   {r.get('skipped') or r.get('error')}")

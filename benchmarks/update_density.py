@@ -6,8 +6,8 @@
 The update of a conv layer is dW = sum_{b,y,x} g[b,o,y,x] P[b,c,y+i,x+j] with the post-synaptic
 factor g = dL/dS * sigma'(U) routed back through the max-pool to the winning position of each
 pool window (Eq. 7). This trains the default configuration (``threefactor train`` with no
-arguments: the embedded motion dataset, LSUV init, the default rule) for ``--batches`` batches,
-exactly as the trainer does, and records at every learning step and layer:
+arguments: the embedded motion dataset, LSUV init, the default rule, through its autograd path)
+for ``--batches`` batches, exactly as the trainer does, and records at every learning step and layer:
 
 - ``surrogate_nonzero``: fraction of neurons (after pooling) with sigma'(U) != 0;
 - ``pool_mask``: fraction of pre-pool positions that are the argmax of their window
@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.set)
+    # The probe reads g from autograd's hooks; the closed-form step computes the same g without
+    # autograd (tests/test_closed_form.py), so the autograd path is measured.
+    cfg = load_config(args.config, [*args.set, "rule.closed_form=false"])
     if cfg.rule.name != "decolle" or cfg.network.neuron_model != "decolle":
         raise SystemExit("update_density measures the DECOLLE rule; use a decolle config")
     torch.manual_seed(cfg.seed)

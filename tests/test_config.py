@@ -229,6 +229,7 @@ def _non_default() -> Config:
     cfg.optim.layer_lr_scale = [1.0, 0.3]
     cfg.optim.lr_decay_every, cfg.optim.lr_decay_factor = 2, 3.0
     cfg.train.epochs, cfg.train.progress = 0, False
+    cfg.distributed.sync, cfg.distributed.average_every = "periodic", 10
     return cfg
 
 

@@ -97,3 +97,36 @@ def test_authors_network_trains_online_like_their_train_loop():
     H.authors_train_steps(model, optimizer, loss_fn, x, target, mask)
     assert not torch.equal(w0, model.LIF_layers[2].base_layer.weight)
     H.authors_infer_steps(model, loss_fn, x, target)
+
+
+def test_small_network_is_the_documented_size_and_takes_the_closed_form():
+    net = H.NETWORKS["small"]
+    network, _, rule = H.build_ours(net)
+    assert sum(p.numel() for p in network.parameters()) == 3640
+    assert sum(r["neurons"] for r in H.layer_macs(net)) == 1792
+    assert rule.uses_closed_form()
+    assert not H.build_ours(net, closed_form=False)[2].uses_closed_form()
+
+
+@pytest.mark.parametrize("kind", ["ours", "ours_autograd"])
+def test_speed_worker_measures_online_training_of_both_paths(kind):
+    from benchmarks import speed
+
+    r = speed.worker({"kind": kind, "net": "small", "mode": "train", "batch": 2,
+                      "target_s": 0.01, "threads": torch.get_num_threads()})
+    assert r["steps"] >= 5 and r["sample_steps_per_s"] > 0
+
+
+def test_memory_worker_sees_decolle_flat_and_bptt_growing_in_t():
+    import sys as _sys
+
+    from benchmarks import memory
+
+    if not _sys.platform.startswith("linux"):
+        pytest.skip("the training-memory figure reads /proc/self (Linux)")
+    grow = {}
+    for rule in ("decolle", "bptt"):
+        grow[rule] = [memory.worker({"net": "small", "rule": rule, "batch": 2, "steps": t, "threads": 1})
+                      ["training_growth_mb"] for t in (20, 200)]
+    assert abs(grow["decolle"][1] - grow["decolle"][0]) < 2.0  # MB: nothing kept per step
+    assert grow["bptt"][1] > grow["bptt"][0] + 10.0  # the graph of 180 more steps

@@ -11,6 +11,16 @@ from .config import ConfigError, load_config, presets
 from .export.nir_export import NIRError, add_export_arguments, export_cli
 
 
+def _is_main_process() -> bool:
+    """False in every process but the first of a torchrun launch (they print nothing)."""
+    from .distributed import DistributedError, env_info
+
+    try:
+        return env_info().is_main
+    except DistributedError:
+        return True
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import dump_config
     from .train import RunError, train
@@ -24,13 +34,17 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    main_process = _is_main_process()
     if args.print_config:
-        print(dump_config(cfg), end="")
+        if main_process:
+            print(dump_config(cfg), end="")
         return 0
-    print(f"run directory: {out}")
+    if main_process:
+        print(f"run directory: {out}")
     summary = train(cfg, out)
     accs = " ".join(f"{k} {v:.3f}" for k, v in summary["test_accuracy"].items())
-    print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {out}")
+    if main_process:
+        print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {out}")
     return 0
 
 
@@ -52,13 +66,17 @@ def _resume(args: argparse.Namespace) -> int:
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run}: not a run directory (no config.yaml there) to resume")
     cfg = load_config(run / "config.yaml", [f"device={args.device}"] if args.device else [])
+    main_process = _is_main_process()
     if args.print_config:
-        print(dump_config(cfg), end="")
+        if main_process:
+            print(dump_config(cfg), end="")
         return 0
-    print(f"resuming run directory: {run}")
+    if main_process:
+        print(f"resuming run directory: {run}")
     summary = train(cfg, run, resume=True)
     accs = " ".join(f"{k} {v:.3f}" for k, v in summary["test_accuracy"].items())
-    print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {run}")
+    if main_process:
+        print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {run}")
     return 0
 
 
@@ -128,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, RunError, NIRError) as err:
-        print(f"threefactor: error: {err}", file=sys.stderr)
+        # Under torchrun a problem one process met is raised on all; only the process that met
+        # it, or process 0, says it.
+        if not getattr(err, "relayed", False) or _is_main_process():
+            print(f"threefactor: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("threefactor: interrupted; the run directory keeps its last checkpoint "
-              "(continue with threefactor train --resume RUN_DIR)", file=sys.stderr)
+        if _is_main_process():
+            print("threefactor: interrupted; the run directory keeps its last checkpoint "
+                  "(continue with threefactor train --resume RUN_DIR)", file=sys.stderr)
         return 130
 
 

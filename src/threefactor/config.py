@@ -125,6 +125,9 @@ class RuleConfig:
     burn_in: int = 10  # steps without updates at the start of every sequence
     loss_layers: Literal["all", "last"] = "all"  # stllr, bptt: which layers' readouts form the loss
     error_trigger: ErrorTriggerConfig = field(default_factory=ErrorTriggerConfig)  # decolle only
+    # decolle: gradients in closed form (Eq. 7) without autograd where the network allows it
+    # (same updates, faster); false forces the autograd path
+    closed_form: bool = True
     stllr: STLLRConfig = field(default_factory=STLLRConfig)
 
 
@@ -157,6 +160,17 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Training on several processes under torchrun (ignored in a single process)."""
+
+    # exact: gradients averaged over the processes before every optimiser step (as one process
+    # on the combined batch); periodic: each process steps on its own shard and the weights are
+    # averaged every average_every optimiser steps (less traffic, not the same trajectory).
+    sync: Literal["exact", "periodic"] = "exact"
+    average_every: int = 50  # periodic: optimiser steps between weight averages
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: str = "auto"
@@ -165,6 +179,7 @@ class Config:
     rule: RuleConfig = field(default_factory=RuleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # --- loading and validation ------------------------------------------------------------
@@ -327,6 +342,11 @@ def check(cfg: Config, source: str = "config") -> None:
         raise ConfigError(
             f"{source}: 'optim.layer_lr_scale' has {len(scales)} entries for "
             f"{len(cfg.network.layers)} layers"
+        )
+    if cfg.distributed.average_every < 1:
+        raise ConfigError(
+            f"{source}: 'distributed.average_every' must be >= 1 (optimiser steps between weight "
+            f"averages), got {cfg.distributed.average_every}"
         )
     _check_rule_choice(cfg, source)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import NetworkConfig
-from .layers import DecolleLayer, LIFLayer, LocalReadout
+from .layers import DecolleLayer, LIFLayer, LocalReadout, ReadoutDropout
 from .neurons import DecolleParams, DecolleState, LIFParams
 
 
@@ -36,7 +36,7 @@ class DecolleNetwork(nn.Module):
             raise ValueError(f"{len(layers)} layers but {len(readouts)} readouts")
         self.layers = nn.ModuleList(layers)
         self.readouts = nn.ModuleList(readouts)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ReadoutDropout(dropout)
 
     def forward(
         self, x: Tensor, state: NetworkState | None = None, detach: bool = True

@@ -13,10 +13,16 @@ killed run and ends with the same weights, bit for bit (on the same device and s
 the same metrics rows. The sha256 of the file's bytes is sealed into its last bytes and checked
 before loading, which never unpickles anything but tensors and plain data
 (``torch.load(weights_only=True)``): an altered or truncated checkpoint is refused.
+
+Under ``torchrun`` with more than one process (see ``threefactor.distributed``), every process
+takes a contiguous share of each batch (``train.batch_size`` is the batch of all processes
+together), the models are kept in step by ``distributed.sync``, metrics are sums over all
+processes, and process 0 alone writes the run directory and logs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,16 +33,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .config import Config, config_from_dict, dump_config, to_dict
 from .data.splits import FrameData
 from .data.splits import load_split as _load_split
+from .distributed import DistInfo
 from .network import DecolleNetwork, build_network, lsuv_init
+from .optim import Adamax
 from .rules.decolle import DecolleRule, SequenceResult, predict_sequence
 from .rules import make_rule
 
@@ -59,6 +68,8 @@ _STALL_ENV = "THREEFACTOR_TEST_STALL"
 
 class RunError(RuntimeError):
     """A problem with the run's inputs or outputs, reported as one sentence."""
+
+    relayed = False  # under torchrun: raised because another process met this problem first
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,7 +103,7 @@ def make_optimizer(cfg: Config, network: DecolleNetwork) -> torch.optim.Optimize
         for layer, s in zip(network.layers, scales)
     ]
     if o.name == "adamax":
-        return torch.optim.Adamax(groups, lr=o.lr, betas=o.betas, foreach=True)
+        return Adamax(groups, lr=o.lr, betas=o.betas)  # torch's, with a lean step (optim.py)
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, foreach=True)
     return torch.optim.SGD(groups, lr=o.lr, foreach=True)
@@ -148,19 +159,31 @@ class SpikeMeter:
 
 
 def evaluate(
-    network: DecolleNetwork, data: FrameData, cfg: Config, device: torch.device
+    network: DecolleNetwork, data: FrameData, cfg: Config, device: torch.device,
+    info: DistInfo = distributed.SINGLE,
 ) -> tuple[list[float], list[float]]:
-    """Per-layer test accuracy and mean local loss over ``data``."""
+    """Per-layer test accuracy and mean local loss over ``data``.
+
+    Under torchrun (``info``) every process evaluates its contiguous share of ``data`` and the
+    sums are added over the processes: every process returns the figures of the whole split.
+    """
     network_was_training = network.training
     network.eval()
-    correct = torch.zeros(len(network.layers))
-    loss = torch.zeros(len(network.layers))
-    for idx in _batches(len(data.labels), cfg.train.eval_batch_size, None):
+    n_layers = len(network.layers)
+    correct = torch.zeros(n_layers)
+    loss = torch.zeros(n_layers)
+    lo, hi = distributed.shard(len(data.labels), info.rank, info.world_size)
+    for idx in _batches(hi - lo, cfg.train.eval_batch_size, None):
+        if lo:
+            idx = idx + lo
         x = data.frames[idx].to(device, torch.float32)
         y = data.labels[idx].to(device)
         res = predict_sequence(network, x, y, cfg.rule.burn_in, cfg.rule.loss)
         correct += (res.votes.argmax(2) == y[None]).sum(1).cpu()
         loss += res.loss.cpu() * len(idx)
+    if info.enabled:
+        sums = distributed.all_reduce_sum(torch.cat([correct, loss]).double())
+        correct, loss = sums[:n_layers].float(), sums[n_layers:].float()
     n = len(data.labels)
     network.train(network_was_training)
     return (correct / n).tolist(), (loss / n).tolist()
@@ -246,12 +269,20 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
+    return _parse_checkpoint(path, _checkpoint_bytes(path), map_location)
+
+
+def _checkpoint_bytes(path: Path) -> bytes:
     if not path.exists():
         raise RunError(f"{path}: no checkpoint there")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as err:
         raise RunError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
+
+
+def _parse_checkpoint(path: Path, data: bytes, map_location: str | torch.device = "cpu") -> dict:
+    """The verified payload of the bytes ``data`` of the checkpoint file ``path``."""
     sealed = _seal_ok(data)
     if sealed is None:
         raise RunError(
@@ -396,13 +427,15 @@ def _check_resume_config(cfg: Config, payload: dict, where: Path) -> None:
 
     saved = _flat(yaml.safe_load(payload["config"]))
     now = _flat(to_dict(cfg))
+    defaults = _flat(to_dict(Config()))  # a key newer than the checkpoint: it ran with the default
     for key in sorted(set(saved) | set(now)):
         if key in RESUMABLE_CHANGES:
             continue
-        if saved.get(key) != now.get(key):
+        was = saved.get(key, defaults.get(key))
+        if was != now.get(key):
             raise RunError(
                 f"{where}: config.yaml sets '{key}' to {now.get(key)!r} but the checkpoint was "
-                f"trained with {saved.get(key)!r}; a resumed run keeps its settings (only "
+                f"trained with {was!r}; a resumed run keeps its settings (only "
                 f"{', '.join(RESUMABLE_CHANGES)} may change)"
             )
 
@@ -444,9 +477,30 @@ def train(
     """Train ``cfg`` and write the run directory ``out_dir``; returns the summary.
 
     With ``resume`` the run in ``out_dir`` continues from its checkpoint (``cfg`` should be the
-    run's own config.yaml; see ``RESUMABLE_CHANGES`` for what may differ).
+    run's own config.yaml; see ``RESUMABLE_CHANGES`` for what may differ). Started by torchrun
+    with more than one process, the processes train together (see ``threefactor.distributed``);
+    process 0 writes ``out_dir`` and calls ``log``, the others write nothing.
     """
     out = Path(out_dir)
+    try:
+        info = distributed.env_info()
+    except distributed.DistributedError as err:
+        raise RunError(str(err)) from None
+    if info.enabled:
+        return _train_together(cfg, out, log, resume)
+    metrics_file = _open_run_dir(cfg, out, resume)
+    closers: list[Callable[[], None]] = [metrics_file.close]
+    try:
+        device = resolve_device(cfg.device)
+        payload = _resume_payload(cfg, out) if resume else None
+        return _run(cfg, out, device, payload, metrics_file, log, closers)
+    finally:
+        for close in reversed(closers):
+            close()
+
+
+def _open_run_dir(cfg: Config, out: Path, resume: bool):
+    """The run directory checked (and, for a new run, created): its metrics file, open."""
     ckpt_path = out / CHECKPOINT_NAME
     metrics_path = out / METRICS_NAME
     if resume:
@@ -455,45 +509,107 @@ def train(
         try:
             probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-")
             probe.close()
-            metrics_file = open(metrics_path, "r+b" if metrics_path.exists() else "w+b")
+            return open(metrics_path, "r+b" if metrics_path.exists() else "w+b")
         except OSError as err:
             raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
-    else:
-        if ckpt_path.exists():
-            raise RunError(
-                f"{out} already holds a run ({CHECKPOINT_NAME}); continue it with --resume {out} "
-                "or choose another --out"
-            )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(dump_config(cfg))
-            metrics_file = open(metrics_path, "wb")
-        except OSError as err:
-            raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
-
-    closers: list[Callable[[], None]] = [metrics_file.close]
+    if ckpt_path.exists():
+        raise RunError(
+            f"{out} already holds a run ({CHECKPOINT_NAME}); continue it with --resume {out} "
+            "or choose another --out"
+        )
     try:
-        device = resolve_device(cfg.device)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        return open(metrics_path, "wb")
+    except OSError as err:
+        raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
+
+
+def _resume_payload(cfg: Config, out: Path, data: bytes | None = None) -> dict:
+    """The checkpoint of the run in ``out`` (from ``data``, its bytes, when given), checked
+    against ``cfg``."""
+    ckpt_path = out / CHECKPOINT_NAME
+    if data is None:
+        payload = read_checkpoint(ckpt_path)
+    else:
+        payload = _parse_checkpoint(ckpt_path, data)
+    _check_resume_config(cfg, payload, out)
+    if not isinstance(payload.get("progress"), dict):
+        raise RunError(f"{ckpt_path}: the checkpoint holds no training progress to resume from")
+    return payload
+
+
+def _silent(message: str) -> None:
+    """The log of every process but process 0."""
+
+
+def _together(info: DistInfo, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on this process; under torchrun, a RunError that any process raised is raised on
+    every process (the others' copies are marked ``relayed``), so that none waits forever."""
+    if not info.enabled:
+        return fn()
+    try:
+        result, error = fn(), None
+    except RunError as err:
+        result, error = None, err
+    messages = distributed.all_gather_object(None if error is None else str(error))
+    first = next((m for m in messages if m is not None), None)
+    if first is None:
+        return result
+    if error is not None and str(error) == first:
+        raise error
+    relayed = RunError(first)
+    relayed.relayed = True
+    raise relayed
+
+
+def _everywhere(info: DistInfo, err: RunError) -> RunError:
+    """``err``, which every process raises at once: process 0 reports it, the others keep quiet."""
+    err.relayed = info.rank > 0
+    return err
+
+
+def _train_together(cfg: Config, out: Path, log, resume: bool) -> dict:
+    """``train`` as one of several processes started by torchrun."""
+    device = resolve_device(cfg.device)
+    try:
+        info, device = distributed.init_from_env(device)
+    except distributed.DistributedError as err:
+        raise RunError(str(err)) from None
+    closers: list[Callable[[], None]] = [distributed.teardown]
+    try:
+        if not info.is_main:
+            log = _silent
+        # Process 0 alone checks and writes the run directory and reads the checkpoint; the
+        # others get the checkpoint's bytes from it (no shared file system is needed for that).
+        metrics_file = _together(info, lambda: _open_run_dir(cfg, out, resume) if info.is_main
+                                 else io.BytesIO())
+        closers.append(metrics_file.close)
         payload = None
         if resume:
-            payload = read_checkpoint(ckpt_path)
-            _check_resume_config(cfg, payload, out)
-            if not isinstance(payload.get("progress"), dict):
-                raise RunError(f"{ckpt_path}: the checkpoint holds no training progress to resume from")
-        return _run(cfg, out, device, payload, metrics_file, log, closers)
+            data = _together(info, lambda: _checkpoint_bytes(out / CHECKPOINT_NAME) if info.is_main else None)
+            payload = _together(info, lambda: _resume_payload(cfg, out, data) if info.is_main else None)
+            data = distributed.broadcast_object(data)
+            if not info.is_main:
+                payload = _parse_checkpoint(out / CHECKPOINT_NAME, data)
+            del data
+        return _run(cfg, out, device, payload, metrics_file, log, closers, info)
     finally:
         for close in reversed(closers):
             close()
 
 
 def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, metrics_file, log,
-         closers: list) -> dict:
+         closers: list, info: DistInfo = distributed.SINGLE) -> dict:
     from .tensorboard import open_tensorboard
 
     ckpt_path = out / CHECKPOINT_NAME
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
-    train_data, test_data = load_data(cfg)
+    if info.enabled:
+        train_data, test_data = _load_data_in_turn(cfg, info)
+    else:
+        train_data, test_data = load_data(cfg)
     log(
         f"data: {len(train_data.labels)} train / {len(test_data.labels)} test samples of shape "
         f"{tuple(train_data.frames.shape[1:])}, {len(train_data.classes)} classes "
@@ -518,10 +634,15 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
         stats = lsuv_init(network, sample, cfg.network.init_target_mean, skip_steps=cfg.rule.burn_in)
         log("init: LSUV, membrane (mean, var) per layer: "
             + ", ".join(f"({m:.2f}, {v:.2f})" for m, v in stats))
+    if info.enabled:
+        distributed.broadcast_module(network)  # every process starts from process 0's model
 
     optimizer = make_optimizer(cfg, network)
     scheduler = make_scheduler(cfg, optimizer)
     rule = make_rule(cfg, network, optimizer)  # rule.name: decolle | stllr | bptt
+    # Keeps the processes' models in step through optimiser hooks (nothing in one process).
+    sync = distributed.Synchroniser(optimizer, info, cfg.distributed.sync, cfg.distributed.average_every)
+    closers.append(sync.close)
     gen = torch.Generator().manual_seed(cfg.seed)
     n_layers = len(network.layers)
     n_train = len(train_data.labels)
@@ -539,21 +660,30 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
             raise RunError(f"{ckpt_path}: the checkpoint's training state does not fit this run") from None
         if st.perm is not None and len(st.perm) != n_train:
             raise RunError(f"{ckpt_path}: written for {len(st.perm)} training samples, the data has {n_train}")
-        metrics_file.seek(0, os.SEEK_END)
-        if metrics_file.tell() < st.metrics_bytes:
-            raise RunError(f"{out / METRICS_NAME}: shorter than when the checkpoint was written; "
-                           "rows are missing, so the run cannot be continued")
-        metrics_file.truncate(st.metrics_bytes)  # rows written after the checkpoint come again
-        metrics_file.seek(st.metrics_bytes)
+
+        def rewind_metrics() -> None:
+            metrics_file.seek(0, os.SEEK_END)
+            if metrics_file.tell() < st.metrics_bytes:
+                raise RunError(f"{out / METRICS_NAME}: shorter than when the checkpoint was written; "
+                               "rows are missing, so the run cannot be continued")
+            metrics_file.truncate(st.metrics_bytes)  # rows written after the checkpoint come again
+            metrics_file.seek(st.metrics_bytes)
+
+        _together(info, rewind_metrics if info.is_main else lambda: None)
+        if info.enabled:
+            _set_rank_rng(payload["progress"], info, cfg.seed, st.batches_total, device)
         st.resumes += 1
         log(f"resuming {out}: {st.epoch_done} epochs and {st.batch} batches done "
             f"({st.batches_total} batches in all)")
+    if payload is None and info.rank > 0:
+        torch.manual_seed(distributed.rank_seed(cfg.seed, info.rank))  # its own dropout masks
     elapsed_before = st.elapsed_s
 
     def now_s() -> float:
         return elapsed_before + time.perf_counter() - t_start
 
-    tb = open_tensorboard(cfg.train.tensorboard, out, st.batches_total + 1 if payload else None, log)
+    tb = open_tensorboard(cfg.train.tensorboard and info.is_main, out,
+                          st.batches_total + 1 if payload else None, log)
     closers.append(tb.close)
     meter = SpikeMeter(network)
     closers.append(meter.close)
@@ -570,23 +700,39 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
         metrics_file.flush()
 
     def test_eval(epoch: int) -> None:
+        sync.consensus()
         meter.take()
-        st.test_accuracy, st.test_loss = evaluate(network, test_data, cfg, device)
+        st.test_accuracy, st.test_loss = evaluate(network, test_data, cfg, device, info)
         rates = meter.take()
+        if info.enabled:
+            lo, hi = distributed.shard(len(test_data.labels), info.rank, info.world_size)
+            rates = _global_mean(rates, hi - lo)
         record(epoch, "test", st.test_accuracy, st.test_loss, rates)
         tb.epoch_metrics(st.batches_total, "test", st.test_accuracy, st.test_loss, rates)
 
+    last_checkpoint: dict = {}
+
     def checkpoint() -> None:
+        sync.consensus()  # periodic mode: the checkpoint holds the processes' mean model
+        rank_rng = distributed.all_gather_object(_rng_states(device)) if info.enabled else None
+        last_checkpoint.update(epoch_done=st.epoch_done, batch=st.batch)
+        if not info.is_main:
+            return
         st.metrics_bytes = metrics_file.tell()
         st.elapsed_s = now_s()
+        progress = st.to_payload(gen, device)
+        if rank_rng is not None:
+            progress["rank_rng"] = rank_rng
         save_checkpoint(ckpt_path, network, optimizer, cfg, st.epoch_done, train_data,
-                        scheduler=scheduler, progress=st.to_payload(gen, device))
+                        scheduler=scheduler, progress=progress)
         tb.flush()
 
     def describe_checkpoint() -> str:
         try:
-            p = read_checkpoint(ckpt_path)["progress"]
+            p = read_checkpoint(ckpt_path)["progress"] if info.is_main else dict(last_checkpoint)
         except (RunError, KeyError, TypeError):
+            return "none readable"
+        if not p:
             return "none readable"
         if p["batch"]:
             return f"from epoch {p['epoch_done'] + 1}, batch {p['batch']}"
@@ -607,32 +753,53 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
         batches = [st.perm[i:i + cfg.train.batch_size] for i in range(0, n_train, cfg.train.batch_size)]
         network.train()
         bar = tqdm(total=len(batches), initial=st.batch, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                   disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
+                   disable=not (cfg.train.progress and info.is_main), leave=False, dynamic_ncols=True)
         for b in range(st.batch, len(batches)):
             idx = batches[b]
-            x = train_data.frames[idx].to(device, torch.float32, non_blocking=True)
-            y = train_data.labels[idx].to(device)
+            local = idx
+            if info.enabled:
+                # This process's contiguous share of the global batch; a process left without a
+                # sample runs the batch's first one with weight 0, so that all take the same steps.
+                lo, hi = distributed.shard(len(idx), info.rank, info.world_size)
+                local = idx[lo:hi] if hi > lo else idx[:1]
+                sync.weight = hi - lo
+            x = train_data.frames[local].to(device, torch.float32, non_blocking=True)
+            y = train_data.labels[local].to(device)
             meter.take()
+            steps_before = sync.steps
             res: SequenceResult = rule.train_sequence(x, y)
             rates = meter.take()
-            problem = _check_finite(res.loss, network)
+            if info.enabled:
+                if sync.steps == steps_before:  # the processes would drift apart unnoticed
+                    raise _everywhere(info, RunError(
+                        f"rule {cfg.rule.name!r} changed the weights without calling "
+                        "optimizer.step(), whose hooks keep the processes in step, so it cannot "
+                        "train on several processes"
+                    ))
+                batch = _global_batch(res, y, rates, int(sync.weight), network)
+            else:
+                batch = _Batch((res.votes.argmax(2) == y[None]).sum(1).cpu(), res.loss.cpu() * len(idx),
+                               torch.tensor(rates, dtype=torch.float64) * len(idx), res.loss)
+            problem = _check_finite(batch.loss, network) or batch.elsewhere
             if problem is not None:
                 bar.close()
-                raise RunError(
+                raise _everywhere(info, RunError(
                     f"the run diverged in epoch {epoch}, batch {b + 1}: {problem}; it was stopped and "
                     f"the last good checkpoint ({describe_checkpoint()}) is kept in {ckpt_path}; "
                     "lower optim.lr"
-                )
-            st.correct += (res.votes.argmax(2) == y[None]).sum(1).cpu()
-            st.loss_sum += res.loss.cpu() * len(idx)
-            st.rate_sum += torch.tensor(rates, dtype=torch.float64) * len(idx)
+                ))
+            st.correct += batch.correct
+            st.loss_sum += batch.loss_sum
+            st.rate_sum += batch.rate_sum
             st.seen += len(idx)
             st.batch = b + 1
             st.batches_total += 1
             st.samples += len(idx)
             bar.update(1)
-            bar.set_postfix(acc=f"{(st.correct[-1] / st.seen).item():.3f}", loss=f"{res.loss[-1].item():.4f}")
-            tb.batch_metrics(st.batches_total, res.loss.tolist(), rates, optimizer.param_groups[0]["lr"])
+            bar.set_postfix(acc=f"{(st.correct[-1] / st.seen).item():.3f}", loss=f"{batch.loss[-1].item():.4f}")
+            if info.enabled:
+                rates = (batch.rate_sum / len(idx)).tolist()
+            tb.batch_metrics(st.batches_total, batch.loss.tolist(), rates, optimizer.param_groups[0]["lr"])
 
             end_of_epoch = st.batch == len(batches)
             if cfg.train.eval_every and st.batches_total % cfg.train.eval_every == 0 and not end_of_epoch:
@@ -642,7 +809,7 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
                 train_acc = (st.correct / st.seen).tolist()
                 train_loss = (st.loss_sum / st.seen).tolist()
                 train_rates = (st.rate_sum / st.seen).tolist()
-                record(epoch, "train", train_acc, train_loss, train_rates, res.stats)
+                record(epoch, "train", train_acc, train_loss, train_rates, _mean_stats(res.stats, info))
                 tb.epoch_metrics(st.batches_total, "train", train_acc, train_loss, train_rates)
                 test_eval(epoch)
                 tb.weights(st.batches_total, network)
@@ -661,6 +828,7 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
         test_eval(0)
         checkpoint()
 
+    sync.consensus()
     summary = {
         "test_accuracy": {f"layer{i + 1}": a for i, a in enumerate(st.test_accuracy)},
         "test_loss": {f"layer{i + 1}": l for i, l in enumerate(st.test_loss)},
@@ -674,11 +842,97 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    if info.enabled:
+        summary["distributed"] = sync.stats()  # process 0's view of the synchronisation
+    if not info.is_main:
+        return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics_file.flush()
     if cfg.train.plots:
         _draw_plots(out, network, cfg, test_data, log)
     return summary
+
+
+# --- several processes (torchrun) --------------------------------------------------------------
+
+
+class _Batch(NamedTuple):
+    """One training batch's figures, summed over its samples (over all processes)."""
+
+    correct: torch.Tensor  # (L,) correctly voted samples
+    loss_sum: torch.Tensor  # (L,) loss times samples
+    rate_sum: torch.Tensor  # (L,) float64, firing rate times samples
+    loss: torch.Tensor  # (L,) mean loss of the batch
+    elsewhere: str | None = None  # a problem another process found
+
+
+def _global_batch(res: SequenceResult, y: torch.Tensor, rates: list[float], weight: int,
+                  network: DecolleNetwork) -> _Batch:
+    """The batch's figures summed over the processes (one all-reduce): ``weight`` is this
+    process's number of samples (0: it ran a stand-in sample that must not count)."""
+    n_layers = len(network.layers)
+    bad_weights = not all(bool(torch.isfinite(p).all()) for p in network.parameters())
+    local = torch.zeros(3 * n_layers + 2, dtype=torch.float64)
+    if weight:
+        local[:n_layers] = (res.votes.argmax(2) == y[None]).sum(1).cpu().double()
+        local[n_layers:2 * n_layers] = res.loss.detach().cpu().double() * weight
+        local[2 * n_layers:3 * n_layers] = torch.tensor(rates, dtype=torch.float64) * weight
+    local[-2] = weight
+    local[-1] = float(bad_weights)
+    total = distributed.all_reduce_sum(local)
+    n = total[-2]
+    loss_sum = total[n_layers:2 * n_layers].float()
+    elsewhere = None
+    if total[-1] > 0 and not bad_weights:
+        elsewhere = "the weights of another process hold NaN or Inf"
+    return _Batch(total[:n_layers].float(), loss_sum, total[2 * n_layers:3 * n_layers],
+                  (total[n_layers:2 * n_layers] / n).float(), elsewhere)
+
+
+def _global_mean(values: list[float], weight: int) -> list[float]:
+    """The mean over all processes' samples of per-process means ``values`` of ``weight`` samples."""
+    t = torch.tensor([*values, 0.0], dtype=torch.float64) * weight
+    t[-1] = weight
+    total = distributed.all_reduce_sum(t)
+    return (total[:-1] / total[-1].clamp_min(1)).tolist()
+
+
+def _mean_stats(stats: dict | None, info: DistInfo) -> dict | None:
+    """A rule's per-layer figures (lists of numbers), averaged over the processes."""
+    if not info.enabled or not stats:
+        return stats
+    keys = sorted(k for k, v in stats.items()
+                  if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v))
+    if not keys:
+        return stats
+    flat = torch.tensor([float(x) for k in keys for x in stats[k]], dtype=torch.float64)
+    mean = (distributed.all_reduce_sum(flat) / info.world_size).tolist()
+    out, i = dict(stats), 0
+    for k in keys:
+        out[k], i = mean[i:i + len(stats[k])], i + len(stats[k])
+    return out
+
+
+def _load_data_in_turn(cfg: Config, info: DistInfo) -> tuple[FrameData, FrameData]:
+    """Both splits, loaded first by the first process of every node (which may download and
+    fill the frame cache), then by the others; progress bars on process 0 only."""
+    if not info.is_main:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+    first = info.local_rank == 0
+    data = _together(info, lambda: load_data(cfg) if first else None)
+    later = _together(info, lambda: None if first else load_data(cfg))
+    return data if first else later
+
+
+def _set_rank_rng(progress: dict, info: DistInfo, seed: int, batches_total: int,
+                  device: torch.device) -> None:
+    """On resume: every process's own random state back when the checkpoint was written by as
+    many processes; otherwise process 0 gets the checkpoint's and the others fresh streams."""
+    states = progress.get("rank_rng")
+    if isinstance(states, list) and len(states) == info.world_size:
+        _set_rng_states(states[info.rank], device)
+    elif info.rank > 0:
+        torch.manual_seed(distributed.rank_seed(seed, info.rank, batches_total))
 
 
 def _draw_plots(out: Path, network: DecolleNetwork, cfg: Config, test_data: FrameData, log) -> None:

@@ -14,9 +14,13 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..network import DecolleNetwork
+from ..layers import DecolleLayer
+from ..network import DecolleNetwork, NetworkState
+from ..neurons import (
+    DecolleOutput, DecolleState, initial_decolle_state, input_trace_step, surrogate_derivative,
+)
 
 Loss = Literal["smooth_l1", "mse", "cross_entropy"]
 LOSSES: tuple[str, ...] = ("smooth_l1", "mse", "cross_entropy")
@@ -68,6 +72,7 @@ class DecolleRule:
         reg2: float = 0.0,
         burn_in: int = 0,
         error_trigger: "ErrorTrigger | None" = None,
+        closed_form: bool = True,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -77,6 +82,7 @@ class DecolleRule:
         self.reg1, self.reg2 = reg1, reg2
         self.burn_in = burn_in
         self.error_trigger = error_trigger
+        self.closed_form = closed_form
 
     def layer_losses(self, out, labels: Tensor) -> Tensor:
         """The local loss of every layer at one step, stacked (L,), graph attached."""
@@ -95,10 +101,17 @@ class DecolleRule:
         if trigger is not None:
             trigger.start_sequence(n_layers)
         state = None
+        closed = self.uses_closed_form()
+        target = F.one_hot(labels, votes.shape[2]).to(x.dtype) if closed else None
         for t in range(steps):
             if t < self.burn_in:
                 with torch.no_grad():
                     out, state = net(x[:, t], state)
+                continue
+            if closed:
+                readouts, losses, state = self._closed_form_step(x[:, t], state, labels, target)
+                loss_sum += losses
+                vote(readouts, votes)
                 continue
             out, state = net(x[:, t], state)
             losses = self.layer_losses(out, labels)
@@ -114,6 +127,118 @@ class DecolleRule:
             vote(out.readouts, votes)
         stats = trigger.stats() if trigger is not None else None
         return SequenceResult(votes, loss_sum / max(steps - self.burn_in, 1), stats)
+
+    def uses_closed_form(self) -> bool:
+        """Whether ``train_sequence`` takes the closed-form step: asked for (``closed_form``), plain
+        DECOLLE (no error trigger, ``layer_losses`` not overridden) on a ``DecolleNetwork`` whose layers are dense or zero-padded
+        convolutions with non-overlapping max-pooling, and no forward pre-hooks on the layers
+        (plain forward hooks are called as if the layer's forward had run). Anything else goes
+        through autograd."""
+        net = self.network
+        if not self.closed_form or self.error_trigger is not None or type(net) is not DecolleNetwork:
+            return False
+        if type(self).layer_losses is not DecolleRule.layer_losses:  # a subclass's own loss
+            return False
+        for layer in net.layers:
+            if type(layer) is not DecolleLayer or layer._forward_pre_hooks or layer._forward_hooks_with_kwargs:
+                return False
+            syn = layer.synapse
+            if type(syn) is nn.Conv2d:
+                if syn.padding_mode != "zeros" or isinstance(syn.padding, str):
+                    return False
+            elif type(syn) is not nn.Linear:
+                return False
+            pool = layer.pool
+            if pool is not None and (pool.padding != 0 or pool.dilation != 1 or pool.ceil_mode
+                                     or pool.stride != pool.kernel_size):
+                return False
+        return True
+
+    @torch.no_grad()
+    def _closed_form_step(
+        self, x: Tensor, state: NetworkState | None, labels: Tensor, target: Tensor
+    ) -> tuple[tuple[Tensor, ...], Tensor, NetworkState]:
+        """One learning step with the gradients in closed form (Eq. 7), without autograd.
+
+        The same forward as ``DecolleNetwork.forward`` (same arithmetic, same dropout draws),
+        then per layer: dL/dY of its loss, dL/dS = dL/dY H (times the dropout mask),
+        dL/dU = dL/dS sigma'(U) (+ the regularisers' dL/dU), routed back through the max-pool
+        to its winning positions, and dW, db from the same weight-gradient kernel autograd
+        calls. No graph, no saved tensors, no input gradients. ``tests/test_closed_form.py``
+        checks that the weights follow the autograd path step for step.
+        """
+        net = self.network
+        readouts, losses, new_state = [], [], []
+        for i, (layer, readout) in enumerate(zip(net.layers, net.readouts)):
+            params, syn = layer.params, layer.synapse
+            x = layer._flat(x)
+            if state is None:
+                st = initial_decolle_state(x, (x.shape[0], *layer.output_shape(tuple(x.shape[1:]))))
+            else:
+                st = state[i]
+            p, q = input_trace_step(x, st.p, st.q, params)
+            u_syn = syn(p)
+            if layer.pool is not None:
+                k = layer.pool.kernel_size
+                u, where = F.max_pool2d_with_indices(u_syn, k, k)
+            else:
+                u = u_syn
+            u = u - params.rho * st.r  # as in decolle_step, operation for operation
+            s = (u >= 0).to(u.dtype)
+            r = params.gamma * st.r + (1.0 - params.gamma) * s
+            new_state.append(DecolleState(p, q, r))
+            for hook in layer._forward_hooks.values():  # observers (spike meters, recorders)
+                hook(layer, (x, st), (DecolleOutput(s, u), new_state[-1]))
+
+            keep = net.dropout.mask(s)
+            y = readout(s if keep is None else s * keep)
+            readouts.append(y)
+            losses.append(local_loss(y, labels, self.loss) + regulariser(u, self.reg1, self.reg2))
+            grad_u = readout.input_grad(loss_grad(y, target, self.loss), s)
+            if keep is not None:
+                grad_u = grad_u * keep
+            grad_u = grad_u * surrogate_derivative(u, layer.surrogate)
+            if self.reg1 or self.reg2:
+                grad_u = grad_u + regulariser_grad(u, self.reg1, self.reg2)
+            if layer.pool is not None:
+                grad_u = torch.ops.aten.max_pool2d_with_indices_backward(
+                    grad_u, u_syn, [k, k], [k, k], [0, 0], [1, 1], False, where)
+            if type(syn) is nn.Conv2d:
+                w = syn.weight
+                _, gw, gb = torch.ops.aten.convolution_backward(
+                    grad_u, p, w, None if syn.bias is None else [w.shape[0]], syn.stride,
+                    syn.padding, syn.dilation, False, [0, 0], syn.groups,
+                    [False, True, syn.bias is not None])
+            else:
+                gw = grad_u.t() @ p
+                gb = grad_u.sum(0) if syn.bias is not None else None
+            syn.weight.grad = gw
+            if syn.bias is not None:
+                syn.bias.grad = gb
+            x = s
+        self.optimizer.step()
+        return tuple(readouts), torch.stack(losses), tuple(new_state)
+
+
+def loss_grad(y: Tensor, target: Tensor, kind: Loss) -> Tensor:
+    """dL/dY of ``local_loss(y, labels, kind)``; ``target`` is the one-hot of ``labels``."""
+    if kind == "smooth_l1":  # mean over B x C of 0.5 d^2 (|d| < 1) or |d| - 0.5
+        return (y - target).clamp_(-1.0, 1.0).div_(y.numel())
+    if kind == "mse":
+        return (y - target).div_(y.shape[0])
+    if kind == "cross_entropy":
+        return (torch.softmax(y, 1) - target).div_(y.shape[0])
+    raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
+
+
+def regulariser_grad(u: Tensor, reg1: float, reg2: float) -> Tensor:
+    """dL/dU of ``regulariser(u, reg1, reg2)``, shaped like ``u``."""
+    flat = u.flatten(1)
+    b, n = flat.shape
+    grad = (flat > -0.01).to(u.dtype).mul_(reg1 / (b * n))
+    below = (flat.mean(1, keepdim=True) < 0.1).to(u.dtype)
+    grad = grad - below * (reg2 / (b * n))
+    return grad.view(u.shape)
 
 
 @torch.no_grad()

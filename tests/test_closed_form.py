@@ -1,0 +1,214 @@
+"""The closed-form DECOLLE step (``rule.closed_form``, the default) is the autograd step, faster.
+
+It must follow the autograd path update for update (float64) for every surrogate, loss,
+ordering, pooling, dense layer, feedback alignment, regulariser and dropout; the lean
+``threefactor.optim.Adamax`` must be torch's Adamax; and it must keep no graph and a state that
+does not grow with T.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from threefactor.config import LayerConfig, NetworkConfig, NeuronConfig
+from threefactor.layers import LocalReadout
+from threefactor.network import build_network
+from threefactor.optim import Adamax
+from threefactor.rules.decolle import LOSSES, DecolleRule, ErrorTrigger
+
+CASES = [  # surrogate, loss, ordering, feedback alignment, reg1, reg2, dropout
+    ("boxcar", "mse", "current", False, 0.0, 0.0, 0.0),
+    ("fast_sigmoid", "smooth_l1", "lagged", False, 0.0, 0.0, 0.3),
+    ("sigmoid", "cross_entropy", "current", True, 0.2, 0.3, 0.0),
+    ("boxcar", "smooth_l1", "lagged", True, 0.1, 0.5, 0.5),
+]
+
+
+def _cfg(surrogate, ordering="current", fa=False, dropout=0.0, layers=None) -> NetworkConfig:
+    return NetworkConfig(
+        layers=layers or [LayerConfig("conv", 3, 3, 2), LayerConfig("conv", 4, 3, 1),
+                          LayerConfig("conv", 4, 3, 2), LayerConfig("dense", 6)],
+        neuron=NeuronConfig(alpha=0.9, beta=0.8, ordering=ordering),
+        surrogate=surrogate, readout_scale=2.0, dropout=dropout, feedback_alignment=fa, init="default",
+    )
+
+
+def _pair(cfg: NetworkConfig, shape=(2, 12, 12), make_opt=None):
+    net = build_network(cfg, shape, 4, seed=0).double()
+    with torch.no_grad():  # a larger gain so that every layer spikes and learns
+        for layer in net.layers:
+            layer.synapse.weight.mul_(3.0)
+            layer.synapse.bias.add_(0.1)
+    twin = copy.deepcopy(net)
+    make_opt = make_opt or (lambda n: Adamax(n.parameters(), lr=0.01, betas=(0.0, 0.95)))
+    return net, make_opt(net), twin, make_opt(twin)
+
+
+def _inputs(T, B=3, shape=(2, 12, 12), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(B, T, *shape, generator=gen) < 0.3).double()
+    return x, torch.randint(0, 4, (B,), generator=gen)
+
+
+@pytest.mark.parametrize("surrogate,loss,ordering,fa,reg1,reg2,dropout", CASES)
+def test_closed_form_step_follows_autograd_update_for_update(surrogate, loss, ordering, fa, reg1, reg2, dropout):
+    net, opt, twin, twin_opt = _pair(_cfg(surrogate, ordering, fa, dropout))
+    fast = DecolleRule(net, opt, loss, reg1, reg2, burn_in=2, closed_form=True)
+    slow = DecolleRule(twin, twin_opt, loss, reg1, reg2, burn_in=2, closed_form=False)
+    assert fast.uses_closed_form() and not slow.uses_closed_form()
+    before = [p.detach().clone() for p in net.parameters()]
+    for seq in range(3):
+        x, labels = _inputs(7, seed=seq)
+        torch.manual_seed(seq)  # the same dropout masks: both paths draw them in the same order
+        a = fast.train_sequence(x, labels)
+        torch.manual_seed(seq)
+        b = slow.train_sequence(x, labels)
+        assert torch.equal(a.votes, b.votes)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-10, atol=1e-12)
+    moved = 0.0
+    for (name, p), q, p0 in zip(net.named_parameters(), twin.parameters(), before):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=f"{name} differs")
+        moved += (p - p0).abs().sum().item()
+    assert moved > 0.1  # the weights did learn: the comparison is not between two idle networks
+
+
+def test_closed_form_with_sgd_and_weight_decay_uses_the_optimiser_as_given():
+    def make(n):
+        return torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+    net, opt, twin, twin_opt = _pair(_cfg("fast_sigmoid"), make_opt=make)
+    x, labels = _inputs(6)
+    DecolleRule(net, opt, "smooth_l1", closed_form=True).train_sequence(x, labels)
+    DecolleRule(twin, twin_opt, "smooth_l1", closed_form=False).train_sequence(x, labels)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("betas,wd", [((0.0, 0.95), 0.0), ((0.9, 0.999), 0.01)])
+def test_lean_adamax_is_torch_adamax(betas, wd):
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((5, 3, 3, 3), (5,), (7, 4))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = Adamax(a, lr=0.01, betas=betas, weight_decay=wd)
+    opt_b = torch.optim.Adamax(b, lr=0.01, betas=betas, weight_decay=wd, foreach=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt_a, 4, 0.5)
+    hooked = []
+    opt_a.register_step_post_hook(lambda o, args, kwargs: hooked.append(1))
+    for step in range(12):
+        for p, q in zip(a, b):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g, g.clone()
+        if step == 8:  # a parameter without gradient is left alone, as torch does
+            a[2].grad = b[2].grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. the scheduler's "step() before optimizer.step()"
+            opt_a.step()
+            sched.step()
+        opt_b.step()
+        opt_b.param_groups[0]["lr"] = opt_a.param_groups[0]["lr"]
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+    assert len(hooked) == 12 and opt_a.param_groups[0]["lr"] == pytest.approx(0.01 / 8)
+    # the state is torch's own: a checkpoint of one loads into the other
+    opt_b.load_state_dict(opt_a.state_dict())
+    for k in ("step", "exp_avg", "exp_inf"):
+        assert torch.equal(opt_a.state[a[0]][k], opt_b.state[b[0]][k])
+
+
+def _saved_during(rule, x, labels) -> int:
+    count = [0]
+
+    def pack(t):
+        count[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rule.train_sequence(x, labels)
+    return count[0]
+
+
+def test_closed_form_keeps_no_graph_and_its_memory_does_not_grow_with_t():
+    sizes = []
+    for T in (10, 100):
+        net, opt, _, _ = _pair(_cfg("boxcar"))
+        rule = DecolleRule(net, opt, "smooth_l1", burn_in=2)
+        x, labels = _inputs(T)
+        assert _saved_during(rule, x, labels) == 0  # nothing is kept for a backward pass
+        sizes.append(sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)))
+        assert all(p.grad is None or p.grad.grad_fn is None for p in net.parameters())
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_closed_form_is_taken_only_where_it_applies():
+    net = build_network(_cfg("boxcar"), (2, 12, 12), 4)
+    opt = torch.optim.Adamax(net.parameters())
+    assert DecolleRule(net, opt).uses_closed_form()
+    assert not DecolleRule(net, opt, closed_form=False).uses_closed_form()
+    assert not DecolleRule(net, opt, error_trigger=ErrorTrigger(threshold=0.1)).uses_closed_form()
+    lif = build_network(NetworkConfig(layers=[LayerConfig("dense", 5)], neuron_model="lif"), (8,), 3)
+    assert not DecolleRule(lif, torch.optim.Adamax(lif.parameters())).uses_closed_form()
+    net.layers[0].synapse.padding_mode = "circular"  # a synapse the closed form does not model
+    assert not DecolleRule(net, opt).uses_closed_form()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("fa", [False, True])
+def test_readout_input_grad_is_autograd_in_the_input_layout(channels_last, fa):
+    gen = torch.Generator().manual_seed(0)
+    readout = LocalReadout(4 * 3 * 5, 6, 2.0, fa, gen).double()
+    s = torch.rand(2, 4, 3, 5, generator=gen, dtype=torch.float64)
+    if channels_last:
+        s = s.contiguous(memory_format=torch.channels_last)
+    s.requires_grad_(True)
+    grad_y = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    readout(s).backward(grad_y)
+    got = readout.input_grad(grad_y, s.detach())
+    torch.testing.assert_close(got, s.grad)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # G is cached in the layout of the input; changing G (e.g. loading a state) renews the cache
+    with torch.no_grad():  # (after .double() h is its own tensor even without FA)
+        readout.g.mul_(2.0)
+        readout.h.mul_(2.0)
+    torch.testing.assert_close(readout(s.detach()), s.detach().flatten(1) @ readout.g.t())
+    torch.testing.assert_close(readout.input_grad(grad_y, s.detach()), 2 * got)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_closed_form_trains_in_float32_like_autograd(loss):
+    """In float32 the two paths round differently; over a sequence they stay within 1e-4."""
+    net, opt, twin, twin_opt = _pair(_cfg("fast_sigmoid", "lagged", dropout=0.2))
+    net.float(), twin.float()
+    x, labels = _inputs(8)
+    torch.manual_seed(1)
+    DecolleRule(net, opt, loss, closed_form=True).train_sequence(x.float(), labels)
+    torch.manual_seed(1)
+    DecolleRule(twin, twin_opt, loss, closed_form=False).train_sequence(x.float(), labels)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_forward_hooks_see_the_same_spikes_in_both_paths():
+    """Observers hooked on the layers (the trainer's spike meter, a user's recorder) keep working."""
+    net, opt, twin, twin_opt = _pair(_cfg("boxcar"))
+    seen = {0: [], 1: []}
+    for k, n in enumerate((net, twin)):
+        n.layers[2].register_forward_hook(lambda m, inp, out, k=k: seen[k].append(out[0].s.clone()))
+    x, labels = _inputs(6)
+    DecolleRule(net, opt, "mse", closed_form=True).train_sequence(x, labels)
+    DecolleRule(twin, twin_opt, "mse", closed_form=False).train_sequence(x, labels)
+    assert len(seen[0]) == len(seen[1]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
+
+
+def test_optimiser_step_hooks_are_honoured():
+    """Distributed training synchronises in optimiser step hooks: they must run at every step."""
+    net, opt, _, _ = _pair(_cfg("boxcar"))
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(1))
+    x, labels = _inputs(5)
+    DecolleRule(net, opt, "mse", burn_in=1).train_sequence(x, labels)
+    assert len(calls) == 4
