@@ -316,6 +316,31 @@ def run_worker(module: str, spec: dict, threads: int, timeout: float = 1800.0) -
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
+def status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> float | None:
+    """Give freed heap back to the OS and reset the peak RSS (VmHWM) to the current RSS (Linux
+    >= 4.0), so that the peak read afterwards is that of what runs next alone; returns the RSS
+    in MB (None where this cannot be done)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return None
+    return status_mb("VmRSS")
+
+
 def emit(result: dict) -> None:
     """Worker side: print the one result line the parent reads."""
     print(RESULT_TAG + json.dumps(result), flush=True)

@@ -30,6 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _harness as H  # noqa: E402
+
 RULES = {
     "decolle": ["rule.name=decolle", "rule.error_trigger.threshold=0"],
     "decolle-et": ["rule.name=decolle"],  # + target rate, added below
@@ -41,29 +46,6 @@ RULES = {
 
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> float | None:
-    """Return freed heap to the OS and reset the peak RSS to the current RSS (Linux >= 4.0), so
-    that the peak measured afterwards is that of training alone; returns the current RSS (MB)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except (OSError, AttributeError):
-        return None
-    return _status_mb("VmRSS")
 
 
 class _SavedMeter:
@@ -122,7 +104,7 @@ def worker(args) -> dict:
     optimizer = make_optimizer(cfg, network)
     scheduler = make_scheduler(cfg, optimizer)
     rule = make_rule(cfg, network, optimizer)
-    rss_before = _reset_peak_rss()
+    rss_before = H.reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
@@ -158,7 +140,7 @@ def worker(args) -> dict:
         "wall_time_s": time.perf_counter() - t0,
         "maxrss_mb": _maxrss_mb(),  # of the whole process (data, LSUV included)
         "rss_before_training_mb": rss_before,
-        "peak_rss_training_mb": _status_mb("VmHWM") if rss_before is not None else None,
+        "peak_rss_training_mb": H.status_mb("VmHWM") if rss_before is not None else None,
         "autograd_peak_mb": _autograd_peak_mb(rule, train_data, cfg, device),
         # the mean over the last quarter of the batches (after the threshold has adapted)
         "update_fraction": ([sum(f[j] for f in fractions[-max(len(fractions) // 4, 1):])

@@ -43,30 +43,6 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> float | None:
-    """Give freed heap back to the OS and reset the peak RSS (VmHWM) to the current RSS (Linux
-    >= 4.0), so that the peak read afterwards is that of what runs next alone (here: building the
-    input, up to 2.25x its size in temporaries, is not counted); returns the RSS in MB."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except (OSError, AttributeError):
-        return None
-    return _status_mb("VmRSS")
-
-
 def worker(spec: dict) -> dict:
     import torch
 
@@ -89,13 +65,13 @@ def worker(spec: dict) -> dict:
     # Two warm-up steps first: the first use of every kernel maps code and scratch buffers
     # (~15 MB, the same at any T) that would otherwise count as the sequence's memory.
     rule.train_sequence(x[:, :2], labels)
-    rss_before = _reset_peak_rss()
+    rss_before = H.reset_peak_rss()
     t0 = time.perf_counter()
     rule.train_sequence(x, labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    hwm = _status_mb("VmHWM")
+    hwm = H.status_mb("VmHWM")
     out = {"peak_rss_mb": _peak_rss_bytes() / MB, "elapsed_s": elapsed,
            "input_mb": x.numel() * x.element_size() / MB, "rule_class": type(rule).__name__,
            "rss_before_training_mb": rss_before,
