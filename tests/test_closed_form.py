@@ -212,3 +212,27 @@ def test_optimiser_step_hooks_are_honoured():
     x, labels = _inputs(5)
     DecolleRule(net, opt, "mse", burn_in=1).train_sequence(x, labels)
     assert len(calls) == 4
+
+
+def test_lean_adamax_with_one_group_per_layer_is_torch_adamax():
+    """The trainer makes one parameter group per layer (layer_lr_scale); equal groups share calls."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = ((4, 2), (4,), (3, 4), (3,))
+    a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+
+    def groups(ps):
+        return [{"params": ps[:2], "lr": 0.01}, {"params": ps[2:], "lr": 0.01},
+                {"params": [], "lr": 0.5}]
+
+    opt_a = Adamax(groups(a), betas=(0.0, 0.95))
+    opt_b = torch.optim.Adamax(groups(b), betas=(0.0, 0.95))
+    for step in range(6):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        if step == 3:
+            opt_a.param_groups[1]["lr"] = opt_b.param_groups[1]["lr"] = 0.002  # groups part ways
+        opt_a.step()
+        opt_b.step()
+        assert all(torch.equal(p, q) for p, q in zip(a, b))

@@ -151,9 +151,9 @@ def input_trace_step(
     x: Tensor, p: Tensor, q: Tensor, params: DecolleParams
 ) -> tuple[Tensor, Tensor]:
     """Advance the presynaptic traces (P, Q) by one step of input spikes ``x``."""
-    q_next = params.beta * q + (1.0 - params.beta) * x
+    q_next = torch.lerp(x, q, params.beta)  # beta q + (1 - beta) x, in one pass
     drive = q_next if params.ordering == "current" else q
-    p_next = params.alpha * p + (1.0 - params.alpha) * drive
+    p_next = torch.lerp(drive, p, params.alpha)
     return p_next, q_next
 
 
@@ -175,9 +175,9 @@ def decolle_step(
     u = synapse(p)
     if pool is not None:
         u = pool(u)
-    u = u - params.rho * state.r
+    u = torch.sub(u, state.r, alpha=params.rho)
     s = spike(u, surrogate)
-    r = params.gamma * state.r + (1.0 - params.gamma) * s
+    r = torch.lerp(s, state.r, params.gamma)  # gamma R + (1 - gamma) S
     return DecolleOutput(s, u), DecolleState(p, q, r)
 
 

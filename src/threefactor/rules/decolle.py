@@ -26,15 +26,17 @@ Loss = Literal["smooth_l1", "mse", "cross_entropy"]
 LOSSES: tuple[str, ...] = ("smooth_l1", "mse", "cross_entropy")
 
 
-def local_loss(y: Tensor, labels: Tensor, kind: Loss) -> Tensor:
+def local_loss(y: Tensor, labels: Tensor, kind: Loss, target: Tensor | None = None) -> Tensor:
     """Loss of one readout ``y`` (B, C) against integer ``labels`` (B,), averaged over the batch.
 
-    smooth L1 and MSE compare with one-hot targets; MSE is ``0.5 * sum_k (Y_k - Yhat_k)^2``
-    per sample, so its gradient is exactly the error of Eq. 8.
+    smooth L1 and MSE compare with one-hot targets (``target``, when the caller has it already);
+    MSE is ``0.5 * sum_k (Y_k - Yhat_k)^2`` per sample, so its gradient is exactly the error of
+    Eq. 8.
     """
     if kind == "cross_entropy":
         return F.cross_entropy(y, labels)
-    target = F.one_hot(labels, y.shape[1]).to(y.dtype)
+    if target is None:
+        target = F.one_hot(labels, y.shape[1]).to(y.dtype)
     if kind == "smooth_l1":
         return F.smooth_l1_loss(y, target)
     if kind == "mse":
@@ -56,8 +58,9 @@ class SequenceResult(NamedTuple):
 
 def vote(readouts: tuple[Tensor, ...], votes: Tensor) -> None:
     """Add each layer's argmax class at this step to ``votes`` (L, B, C), in place."""
-    for i, y in enumerate(readouts):
-        votes[i].scatter_add_(1, y.argmax(1, keepdim=True), torch.ones_like(y[:, :1]))
+    with torch.no_grad():
+        winners = torch.stack(readouts).argmax(2, keepdim=True)  # (L, B, 1): all layers at once
+        votes.scatter_add_(2, winners, torch.ones_like(winners, dtype=votes.dtype))
 
 
 class DecolleRule:
@@ -183,9 +186,9 @@ class DecolleRule:
                 u, where = F.max_pool2d_with_indices(u_syn, k, k)
             else:
                 u = u_syn
-            u = u - params.rho * st.r  # as in decolle_step, operation for operation
+            u = torch.sub(u, st.r, alpha=params.rho)  # as in decolle_step, operation for operation
             s = (u >= 0).to(u.dtype)
-            r = params.gamma * st.r + (1.0 - params.gamma) * s
+            r = torch.lerp(s, st.r, params.gamma)
             new_state.append(DecolleState(p, q, r))
             for hook in layer._forward_hooks.values():  # observers (spike meters, recorders)
                 hook(layer, (x, st), (DecolleOutput(s, u), new_state[-1]))
@@ -193,7 +196,8 @@ class DecolleRule:
             keep = net.dropout.mask(s)
             y = readout(s if keep is None else s * keep)
             readouts.append(y)
-            losses.append(local_loss(y, labels, self.loss) + regulariser(u, self.reg1, self.reg2))
+            loss = local_loss(y, labels, self.loss, target)
+            losses.append(loss + regulariser(u, self.reg1, self.reg2) if self.reg1 or self.reg2 else loss)
             grad_u = readout.input_grad(loss_grad(y, target, self.loss), s)
             if keep is not None:
                 grad_u = grad_u * keep
