@@ -128,12 +128,15 @@ def _batches(n: int, size: int, gen: torch.Generator | None):
 
 
 class SpikeMeter:
-    """Mean firing rate of every layer, collected by forward hooks (the rule's loop is untouched)."""
+    """Mean firing rate of every layer, collected by forward hooks (the rule's loop is untouched),
+    and whether any membrane potential went non-finite (a diverged run whose losses can still be
+    finite: the readouts see binary spikes)."""
 
     def __init__(self, network: DecolleNetwork) -> None:
         n = len(network.layers)
         device = next(network.parameters()).device
         self.sums = torch.zeros(n, dtype=torch.float64, device=device)
+        self.membrane_sums = torch.zeros(n, dtype=torch.float64, device=device)
         self.counts = [0] * n
         self.handles = [
             layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(network.layers)
@@ -143,6 +146,7 @@ class SpikeMeter:
         def hook(module, inputs, output) -> None:
             s = output[0].s
             self.sums[i] += s.detach().sum()
+            self.membrane_sums[i] += output[0].u.detach().sum()  # NaN or Inf once any U is
             self.counts[i] += s.numel()
         return hook
 
@@ -152,6 +156,12 @@ class SpikeMeter:
         self.sums.zero_()
         self.counts = [0] * len(self.counts)
         return rates
+
+    def take_nonfinite(self) -> list[int]:
+        """Layers (1-based) whose membrane potential went NaN or Inf since the last call, then reset."""
+        bad = [i + 1 for i, v in enumerate(self.membrane_sums.tolist()) if not np.isfinite(v)]
+        self.membrane_sums.zero_()
+        return bad
 
     def close(self) -> None:
         for h in self.handles:
@@ -769,6 +779,9 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
             steps_before = sync.steps
             res: SequenceResult = rule.train_sequence(x, y)
             rates = meter.take()
+            bad_u = meter.take_nonfinite()
+            membranes = (f"the membrane potential of layer {', '.join(map(str, bad_u))} became NaN or Inf"
+                         if bad_u else None)
             if info.enabled:
                 if sync.steps == steps_before:  # the processes would drift apart unnoticed
                     raise _everywhere(info, RunError(
@@ -776,11 +789,11 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
                         "optimizer.step(), whose hooks keep the processes in step, so it cannot "
                         "train on several processes"
                     ))
-                batch = _global_batch(res, y, rates, int(sync.weight), network)
+                batch = _global_batch(res, y, rates, int(sync.weight), network, membranes is not None)
             else:
                 batch = _Batch((res.votes.argmax(2) == y[None]).sum(1).cpu(), res.loss.cpu() * len(idx),
                                torch.tensor(rates, dtype=torch.float64) * len(idx), res.loss)
-            problem = _check_finite(batch.loss, network) or batch.elsewhere
+            problem = _check_finite(batch.loss, network) or membranes or batch.elsewhere
             if problem is not None:
                 bar.close()
                 raise _everywhere(info, RunError(
@@ -867,11 +880,11 @@ class _Batch(NamedTuple):
 
 
 def _global_batch(res: SequenceResult, y: torch.Tensor, rates: list[float], weight: int,
-                  network: DecolleNetwork) -> _Batch:
+                  network: DecolleNetwork, bad_membranes: bool = False) -> _Batch:
     """The batch's figures summed over the processes (one all-reduce): ``weight`` is this
     process's number of samples (0: it ran a stand-in sample that must not count)."""
     n_layers = len(network.layers)
-    bad_weights = not all(bool(torch.isfinite(p).all()) for p in network.parameters())
+    bad_weights = bad_membranes or not all(bool(torch.isfinite(p).all()) for p in network.parameters())
     local = torch.zeros(3 * n_layers + 2, dtype=torch.float64)
     if weight:
         local[:n_layers] = (res.votes.argmax(2) == y[None]).sum(1).cpu().double()
@@ -884,7 +897,7 @@ def _global_batch(res: SequenceResult, y: torch.Tensor, rates: list[float], weig
     loss_sum = total[n_layers:2 * n_layers].float()
     elsewhere = None
     if total[-1] > 0 and not bad_weights:
-        elsewhere = "the weights of another process hold NaN or Inf"
+        elsewhere = "the weights or membrane potentials of another process hold NaN or Inf"
     return _Batch(total[:n_layers].float(), loss_sum, total[2 * n_layers:3 * n_layers],
                   (total[n_layers:2 * n_layers] / n).float(), elsewhere)
 
