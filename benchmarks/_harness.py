@@ -346,10 +346,22 @@ def emit(result: dict) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def worker_setup(threads: int) -> None:
+ALLOCATORS = ("retain", "default")
+
+
+def worker_setup(threads: int, allocator: str = "retain") -> None:
+    """Threads and malloc policy of a measuring process, the same for every implementation:
+    ``retain`` is what ``threefactor.train`` runs with (``allocator.retain_freed_memory``),
+    ``default`` leaves glibc as it is."""
     import torch
 
     torch.set_num_threads(threads)
+    if allocator == "retain":
+        from threefactor.allocator import retain_freed_memory
+
+        retain_freed_memory()
+    elif allocator != "default":
+        raise ValueError(f"unknown allocator {allocator!r}; valid: {', '.join(ALLOCATORS)}")
 
 
 def summarise(values: list[float]) -> dict:

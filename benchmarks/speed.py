@@ -193,7 +193,7 @@ def _theirs(spec: dict) -> dict:
 
 
 def worker(spec: dict) -> dict:
-    H.worker_setup(spec["threads"])
+    H.worker_setup(spec["threads"], spec.get("allocator", "retain"))
     kind = spec["kind"]
     if kind == "peak_matmul":
         return _time_peak_matmul()
@@ -227,7 +227,8 @@ def measure(args) -> dict:
     t_all = time.perf_counter()
     for rep in range(args.repeats):
         for kind in ("peak_matmul", "peak_conv"):
-            r = H.run_worker(MODULE, {"kind": kind, "threads": args.threads}, args.threads)
+            r = H.run_worker(MODULE, {"kind": kind, "threads": args.threads,
+                                      "allocator": args.allocator}, args.threads)
             raw[kind].append(r)
             log(f"[rep {rep + 1}] {kind}: {r.get('gflops', r.get('error'))}")
         for net, mode, batch in cells:
@@ -235,7 +236,8 @@ def measure(args) -> dict:
                 if (impl == "theirs" and not theirs_ok) or (impl == "ours_autograd" and mode == "infer"):
                     continue  # inference has one path: predict_sequence, no autograd
                 spec = {"kind": impl, "net": net, "mode": mode, "batch": batch,
-                        "target_s": args.target_s, "threads": args.threads}
+                        "target_s": args.target_s, "threads": args.threads,
+                        "allocator": args.allocator}
                 r = H.run_worker(MODULE, spec, args.threads, timeout=args.timeout)
                 raw.setdefault(f"{impl}/{net}/{mode}/{batch}", []).append(r)
                 log(f"[rep {rep + 1}] {impl:6s} {net:10s} {mode:5s} B={batch:3d}: "
@@ -247,6 +249,7 @@ def measure(args) -> dict:
         "machine": H.machine_info(args.threads),
         "load_average_at_end": list(__import__("os").getloadavg()),
         "settings": {"threads": args.threads, "repeats": args.repeats, "target_s": args.target_s,
+                     "allocator": args.allocator,
                      "nets": args.nets, "modes": args.modes, "batches": args.batches,
                      "theirs_ok": theirs_ok,
                      "input": "random events, 2 % of pixels x polarities on per step",
@@ -411,6 +414,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                    choices=["ours", "ours_autograd", "theirs"],
                    help="ours (threefactor, closed-form DECOLLE step: the default), ours_autograd "
                         "(the same through autograd, rule.closed_form=false), theirs (decolle==0.2)")
+    p.add_argument("--allocator", default="retain", choices=H.ALLOCATORS,
+                   help="malloc policy of every measuring process, ours and theirs alike: retain "
+                        "(as threefactor.train runs, allocator.retain_freed_memory) or default "
+                        "(glibc as it is) (retain)")
     p.add_argument("--target-s", type=float, default=3.0, help="seconds per timed sequence (3)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement (600)")
     p.add_argument("--out", type=Path, default=H.ROOT / "benchmarks" / "results")

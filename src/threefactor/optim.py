@@ -49,7 +49,12 @@ class Adamax(torch.optim.Adamax):
             torch._foreach_add_(steps, 1.0)
             if group["weight_decay"] != 0:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            if beta1 == 0:  # exp_avg.lerp_(grad, 1) is grad itself: hold it, no pass over memory
+                for st, g in zip(states, grads):
+                    st["exp_avg"] = g
+                exp_avgs = grads
+            else:
+                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
             torch._foreach_mul_(exp_infs, beta2)
             norms = torch._foreach_abs(grads)
             torch._foreach_add_(norms, group["eps"])

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .allocator import retain_freed_memory
 from .config import Config, config_from_dict, dump_config, to_dict
 from .data.splits import FrameData
 from .data.splits import load_split as _load_split
@@ -489,8 +490,11 @@ def train(
     With ``resume`` the run in ``out_dir`` continues from its checkpoint (``cfg`` should be the
     run's own config.yaml; see ``RESUMABLE_CHANGES`` for what may differ). Started by torchrun
     with more than one process, the processes train together (see ``threefactor.distributed``);
-    process 0 writes ``out_dir`` and calls ``log``, the others write nothing.
+    process 0 writes ``out_dir`` and calls ``log``, the others write nothing. Training keeps
+    freed memory in the process (``allocator.retain_freed_memory``: ~25 % faster steps at
+    batch 1 on CPU).
     """
+    retain_freed_memory()
     out = Path(out_dir)
     try:
         info = distributed.env_info()
