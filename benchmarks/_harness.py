@@ -59,7 +59,7 @@ NETWORKS = {
 
 def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
                  surrogate: str = "fast_sigmoid", ordering: str = "lagged", dropout: float = 0.5,
-                 closed_form: bool = True):
+                 closed_form: bool = True, compile: bool = False):
     """A ``threefactor.config.Config`` for ``net`` trained by ``rule`` with the authors' settings
     (decays 0.97 / 0.92 / 0.65, fast-sigmoid surrogate, lagged P, dropout 0.5 into the readouts,
     smooth L1, Adamax betas (0, 0.95)). ``stllr`` gets the same stack with soft-reset LIF neurons.
@@ -77,7 +77,8 @@ def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
         network.neuron_model = "lif"
     return Config(
         seed=0, device="cpu", network=network,
-        rule=RuleConfig(name=rule, loss="smooth_l1", burn_in=burn_in, closed_form=closed_form),
+        rule=RuleConfig(name=rule, loss="smooth_l1", burn_in=burn_in, closed_form=closed_form,
+                        compile=compile),
         optim=OptimConfig(name="adamax", lr=net.lr, betas=(0.0, 0.95), lr_decay_every=0),
     )
 

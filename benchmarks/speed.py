@@ -24,7 +24,10 @@ code does when it gets the cores, and per-CPU-second rates are less sensitive to
 Every measurement runs in a fresh subprocess; the implementations alternate within each
 repeat, so ratios are taken between neighbours in time. ``ours`` is the default closed-form
 DECOLLE step, ``ours_autograd`` the same rule through autograd (``rule.closed_form: false``,
-the before/after of the speed work; training only, inference has one path). Besides the
+the before/after of the speed work; training only, inference has one path), and
+``ours_compiled`` the closed form through ``torch.compile`` (``rule.compile: true``; its one-off
+compile happens in the untimed warm-up). ``--allocator`` sets the malloc policy of every
+measuring process, ours and theirs alike. Besides the
 paper's two networks, ``small`` is the 3-layer network of the 1 kHz target (see
 ``_harness.NETWORKS``). Writes ``speed.json`` and ``speed.png`` to ``--out``.
 """
@@ -130,7 +133,8 @@ def _ours(spec: dict) -> dict:
 
     net = H.NETWORKS[spec["net"]]
     batch, mode = spec["batch"], spec["mode"]
-    network, _, rule = H.build_ours(net, "decolle", closed_form=spec["kind"] == "ours")
+    network, _, rule = H.build_ours(net, "decolle", closed_form=spec["kind"] != "ours_autograd",
+                                    compile=spec["kind"] == "ours_compiled")
     labels = H.random_labels(batch, net.n_classes)
     if mode == "train":
         network.train()
@@ -199,7 +203,7 @@ def worker(spec: dict) -> dict:
         return _time_peak_matmul()
     if kind == "peak_conv":
         return _time_peak_conv()
-    if kind in ("ours", "ours_autograd"):
+    if kind in ("ours", "ours_autograd", "ours_compiled"):
         return _ours(spec)
     if kind == "theirs":
         ok, why = H.authors_available()
@@ -233,7 +237,8 @@ def measure(args) -> dict:
             log(f"[rep {rep + 1}] {kind}: {r.get('gflops', r.get('error'))}")
         for net, mode, batch in cells:
             for impl in args.impls:
-                if (impl == "theirs" and not theirs_ok) or (impl == "ours_autograd" and mode == "infer"):
+                if (impl == "theirs" and not theirs_ok) or (impl in ("ours_autograd", "ours_compiled")
+                                                            and mode == "infer"):
                     continue  # inference has one path: predict_sequence, no autograd
                 spec = {"kind": impl, "net": net, "mode": mode, "batch": batch,
                         "target_s": args.target_s, "threads": args.threads,
@@ -319,6 +324,15 @@ def aggregate(data: dict) -> dict:
                 row["speedup_closed_form_over_autograd"] = H.summarise([o / a for o, a in zip(ours, ag)])
             if theirs_ok and len(ag) == len(theirs):
                 row["ratio_autograd_over_theirs"] = H.summarise([a / t for a, t in zip(ag, theirs)])
+        key_c = f"ours_compiled/{net}/{mode}/{batch}"
+        if raw.get(key_c):
+            co, co_c = vals(key_c), vals(key_c, "sample_steps_per_cpu_s")
+            row["ours_compiled_sample_steps_per_s"] = H.summarise(co)
+            row["ours_compiled_sample_steps_per_cpu_s"] = H.summarise(co_c)
+            if len(co) == len(ours):
+                row["speedup_compiled_over_eager"] = H.summarise([c / o for c, o in zip(co, ours)])
+            if theirs_ok and len(co) == len(theirs):
+                row["ratio_compiled_over_theirs"] = H.summarise([c / t for c, t in zip(co, theirs)])
         if mode == "train":
             row["ours_fraction_of_peak_3x_convention"] = (
                 (s_ours["max"] or 0) * flops["train_3x"] / 1e9 / peak_ref if peak_ref else None)
@@ -353,6 +367,7 @@ def plot(data: dict, path: Path) -> None:
             xs = [r["batch"] for r in sel]
             for key, label, color in (("ours_sample_steps_per_s", "threefactor", "C0"),
                                       ("ours_autograd_sample_steps_per_s", "threefactor, autograd path", "C2"),
+                                      ("ours_compiled_sample_steps_per_s", "threefactor, rule.compile", "C3"),
                                       ("theirs_sample_steps_per_s", "decolle==0.2 (authors)", "C1")):
                 s = [r[key] for r in sel if r.get(key) and r[key]["median"]]
                 if len(s) != len(sel) or not s:
@@ -384,7 +399,7 @@ def plot(data: dict, path: Path) -> None:
 def table(data: dict) -> str:
     lines = ["sample-steps/s: median (best) of the repeats; ratios: median of paired runs; %peak: best/best",
              "net         mode  batch   ours/s median (best)  theirs/s median (best)  ours/theirs  "
-             "autograd/theirs  %peak %peak(cpu)"]
+             "autograd/theirs  compiled/theirs  %peak %peak(cpu)"]
     for r in data["results"]:
         o, t, q = r["ours_sample_steps_per_s"], r["theirs_sample_steps_per_s"], r["ratio_ours_over_theirs"]
 
@@ -394,11 +409,13 @@ def table(data: dict) -> str:
         ratio = f"{q['median']:6.2f}x" if q and q["median"] else "   n/a "
         qa = r.get("ratio_autograd_over_theirs")
         ratio_a = f"{qa['median']:6.2f}x" if qa and qa["median"] else "   n/a "
+        qc = r.get("ratio_compiled_over_theirs")
+        ratio_c = f"{qc['median']:6.2f}x" if qc and qc["median"] else "   n/a "
         frac = f"{100 * r['ours_fraction_of_peak']:5.1f}" if r["ours_fraction_of_peak"] else "  n/a"
         fc = r.get("ours_fraction_of_peak_cpu_time")
         fracc = f"{100 * fc:5.1f}" if fc else "  n/a"
         lines.append(f"{r['net']:11s} {r['mode']:5s} {r['batch']:5d}  {fmt(o)}  {fmt(t)}   {ratio}   "
-                     f"     {ratio_a}   {frac} {fracc}")
+                     f"     {ratio_a}          {ratio_c}   {frac} {fracc}")
     return "\n".join(lines)
 
 
@@ -410,10 +427,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--nets", nargs="+", default=["dvsgesture", "nmnist", "small"], choices=sorted(H.NETWORKS))
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 72])
-    p.add_argument("--impls", nargs="+", default=["ours", "ours_autograd", "theirs"],
-                   choices=["ours", "ours_autograd", "theirs"],
+    p.add_argument("--impls", nargs="+", default=["ours", "ours_autograd", "ours_compiled", "theirs"],
+                   choices=["ours", "ours_autograd", "ours_compiled", "theirs"],
                    help="ours (threefactor, closed-form DECOLLE step: the default), ours_autograd "
-                        "(the same through autograd, rule.closed_form=false), theirs (decolle==0.2)")
+                        "(the same through autograd, rule.closed_form=false), ours_compiled (the "
+                        "closed form with rule.compile=true), theirs (decolle==0.2)")
     p.add_argument("--allocator", default="retain", choices=H.ALLOCATORS,
                    help="malloc policy of every measuring process, ours and theirs alike: retain "
                         "(as threefactor.train runs, allocator.retain_freed_memory) or default "

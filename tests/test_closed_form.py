@@ -236,3 +236,48 @@ def test_lean_adamax_with_one_group_per_layer_is_torch_adamax():
         opt_a.step()
         opt_b.step()
         assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_compiled_closed_form_is_the_eager_closed_form():
+    """``rule.compile``: the same math through torch.compile (fused kernels round differently),
+    the same dropout draws, the spike meter's hooks still called at every step."""
+    net, opt, twin, twin_opt = _pair(_cfg("fast_sigmoid", "lagged", dropout=0.3))
+    net.float(), twin.float()
+    seen = {0: [], 1: []}
+    for k, n in enumerate((net, twin)):
+        n.layers[1].register_forward_hook(lambda m, inp, out, k=k: seen[k].append(out[0].s.clone()))
+    compiled = DecolleRule(net, opt, "smooth_l1", burn_in=1, compile=True)
+    eager = DecolleRule(twin, twin_opt, "smooth_l1", burn_in=1)
+    for seq in range(2):
+        x, labels = _inputs(6, seed=seq)
+        torch.manual_seed(seq)
+        a = compiled.train_sequence(x.float(), labels)
+        torch.manual_seed(seq)
+        b = eager.train_sequence(x.float(), labels)
+        assert torch.equal(a.votes, b.votes)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    assert compiled._compiled not in (None, False)  # it did compile, and did not fall back
+    assert len(seen[0]) == len(seen[1]) == 12
+    assert all(torch.equal(p, q) for p, q in zip(seen[0], seen[1]))
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_the_eager_closed_form(monkeypatch):
+    """No C++ compiler, an inductor bug: one warning, and training goes on, exactly as eager."""
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net, opt, twin, twin_opt = _pair(_cfg("boxcar", dropout=0.2))
+    x, labels = _inputs(5)
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: .*no working C\+\+ compiler found\); training"):
+        a = DecolleRule(net, opt, "mse", compile=True).train_sequence(x, labels)
+    torch.manual_seed(0)
+    b = DecolleRule(twin, twin_opt, "mse").train_sequence(x, labels)
+    assert torch.equal(a.votes, b.votes) and torch.equal(a.loss, b.loss)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))

@@ -128,6 +128,9 @@ class RuleConfig:
     # decolle: gradients in closed form (Eq. 7) without autograd where the network allows it
     # (same updates, faster); false forces the autograd path
     closed_form: bool = True
+    # decolle closed form: torch.compile the per-step math (fuses its elementwise work; pays
+    # for small networks and batches, where per-operation overhead dominates; ~20 s to compile)
+    compile: bool = False
     stllr: STLLRConfig = field(default_factory=STLLRConfig)
 
 

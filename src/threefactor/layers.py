@@ -75,6 +75,11 @@ class DecolleLayer(nn.Module):
         return decolle_step(x, state, self.params, self.synapse, self.pool, self.surrogate)
 
 
+def keep_mask(rand: Tensor, p: float) -> Tensor:
+    """Dropout's scaled keep-mask from uniform draws: (rand >= p) / (1 - p)."""
+    return (rand >= p).to(rand.dtype).mul_(1.0 / (1.0 - p))
+
+
 class ReadoutDropout(nn.Module):
     """Dropout of the spikes a readout sees (training only): S * mask / (1 - p).
 
@@ -91,9 +96,15 @@ class ReadoutDropout(nn.Module):
 
     def mask(self, s: Tensor) -> Tensor | None:
         """The scaled keep-mask for ``s``, or None when nothing is dropped."""
+        rand = self.draw(s)
+        return None if rand is None else keep_mask(rand, self.p)
+
+    def draw(self, s: Tensor) -> Tensor | None:
+        """The uniform draws behind ``mask(s)`` (None when nothing is dropped), for callers that
+        build the mask elsewhere (``keep_mask``) from the same random stream."""
         if not self.training or self.p == 0.0:
             return None
-        return (torch.rand_like(s) >= self.p).to(s.dtype).mul_(1.0 / (1.0 - self.p))
+        return torch.rand_like(s)
 
     def forward(self, s: Tensor) -> Tensor:
         m = self.mask(s)
@@ -101,6 +112,23 @@ class ReadoutDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def _is_channels_last(s: Tensor) -> bool:
+    return s.dim() == 4 and s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous()
+
+
+def flat_in_memory_order(s: Tensor) -> Tensor:
+    """``s`` as (B, N) without copying: (C, H, W) order, or (H, W, C) for a channels-last map."""
+    return s.permute(0, 2, 3, 1).flatten(1) if _is_channels_last(s) else s.flatten(1)
+
+
+def unflatten_like(flat: Tensor, s: Tensor) -> Tensor:
+    """The inverse of ``flat_in_memory_order(s)``: ``flat`` (B, N) shaped and laid out like ``s``."""
+    if _is_channels_last(s):
+        b, c, hh, ww = s.shape
+        return flat.view(b, hh, ww, c).permute(0, 3, 1, 2)
+    return flat.view(s.shape)
 
 
 class _FeedbackAlignedLinear(torch.autograd.Function):
@@ -156,14 +184,14 @@ class LocalReadout(nn.Module):
         again before max-pooling's backward. G and H reordered to match are cached (they are
         fixed; the cache follows their device and any in-place change such as loading a state).
         """
-        if s.dim() == 4 and s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
+        if _is_channels_last(s):
             c, hh, ww = s.shape[1:]
             key = (c, hh, ww, self.g.device, self.g.dtype, self.g._version, self.h._version,
                    self.g.data_ptr(), self.h.data_ptr())
             if self._hwc_cache is None or self._hwc_cache[0] != key:
                 g, h = (m.view(-1, c, hh, ww).permute(0, 2, 3, 1).flatten(1) for m in (self.g, self.h))
                 self._hwc_cache = (key, g, h)
-            return s.permute(0, 2, 3, 1).flatten(1), self._hwc_cache[1], self._hwc_cache[2]
+            return flat_in_memory_order(s), self._hwc_cache[1], self._hwc_cache[2]
         return s.flatten(1), self.g, self.h
 
     def forward(self, s: Tensor) -> Tensor:
@@ -174,11 +202,7 @@ class LocalReadout(nn.Module):
 
     def input_grad(self, grad_y: Tensor, s: Tensor) -> Tensor:
         """dL/dS for dL/dY ``grad_y`` (B, C): ``grad_y H``, shaped and laid out like ``s``."""
-        flat = grad_y @ self.matched(s)[2]
-        if s.dim() == 4 and s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
-            b, c, hh, ww = s.shape
-            return flat.view(b, hh, ww, c).permute(0, 3, 1, 2)
-        return flat.view(s.shape)
+        return unflatten_like(grad_y @ self.matched(s)[2], s)
 
     def extra_repr(self) -> str:
         return f"in={self.g.shape[1]}, out={self.g.shape[0]}, feedback_alignment={self.feedback_alignment}"

@@ -25,7 +25,7 @@ def make_rule(cfg, network, optimizer):
         if et.threshold is not None or et.target_rate is not None:
             trigger = ErrorTrigger(et.threshold, et.target_rate, et.adapt, et.mode)
         return DecolleRule(network, optimizer, r.loss, r.reg1, r.reg2, r.burn_in, error_trigger=trigger,
-                           closed_form=r.closed_form)
+                           closed_form=r.closed_form, compile=r.compile)
     if r.name == "stllr":
         s = r.stllr
         return STLLRRule(

@@ -10,13 +10,14 @@ after the burn-in.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import DecolleLayer
+from ..layers import DecolleLayer, flat_in_memory_order, keep_mask, unflatten_like
 from ..network import DecolleNetwork, NetworkState
 from ..neurons import (
     DecolleOutput, DecolleState, initial_decolle_state, input_trace_step, surrogate_derivative,
@@ -76,6 +77,7 @@ class DecolleRule:
         burn_in: int = 0,
         error_trigger: "ErrorTrigger | None" = None,
         closed_form: bool = True,
+        compile: bool = False,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -86,6 +88,8 @@ class DecolleRule:
         self.burn_in = burn_in
         self.error_trigger = error_trigger
         self.closed_form = closed_form
+        self.compile = compile
+        self._compiled = None  # the compiled _closed_form_math; False once compiling failed
 
     def layer_losses(self, out, labels: Tensor) -> Tensor:
         """The local loss of every layer at one step, stacked (L,), graph attached."""
@@ -163,15 +167,58 @@ class DecolleRule:
     ) -> tuple[tuple[Tensor, ...], Tensor, NetworkState]:
         """One learning step with the gradients in closed form (Eq. 7), without autograd.
 
-        The same forward as ``DecolleNetwork.forward`` (same arithmetic, same dropout draws),
-        then per layer: dL/dY of its loss, dL/dS = dL/dY H (times the dropout mask),
-        dL/dU = dL/dS sigma'(U) (+ the regularisers' dL/dU), routed back through the max-pool
-        to its winning positions, and dW, db from the same weight-gradient kernel autograd
-        calls. No graph, no saved tensors, no input gradients. ``tests/test_closed_form.py``
-        checks that the weights follow the autograd path step for step.
+        ``_closed_form_math`` gives every layer's new state, readout, loss and dW, db (compiled
+        with ``compile``, from the second step of a sequence on); here the layers' forward
+        hooks see their outputs and the optimiser takes one step.
         """
         net = self.network
-        readouts, losses, new_state = [], [], []
+        eager = [None] * len(net.layers)  # draws and matched readouts: the math makes them
+        if state is not None and self.compile and self._compiled is not False:
+            # Made outside the compiled code: the dropout draws from the eager random stream
+            # (inductor's own would differ), G and H matched to the spikes' memory order (their
+            # cache is Python state). S has the layout of R, so these are what the eager math uses.
+            rands = [net.dropout.draw(st.r) for st in state]
+            matched = [r.matched(st.r)[1:] for r, st in zip(net.readouts, state)]
+            try:
+                outs = self._compiled_math()(x, state, labels, target, rands, matched)
+            except Exception as err:  # noqa: BLE001 - a compiler failure falls back to eager
+                self._compiled = False
+                first = str(err).splitlines()[0] if str(err) else ""
+                warnings.warn(f"rule.compile: torch.compile failed ({type(err).__name__}: {first}); "
+                              "training continues with the eager closed form",
+                              RuntimeWarning, stacklevel=3)
+                outs = self._closed_form_math(x, state, labels, target, rands, matched)
+        else:
+            outs = self._closed_form_math(x, state, labels, target, eager, eager)
+        new_state, readouts, losses, spikes, membranes, grads = outs
+        for i, layer in enumerate(net.layers):
+            for hook in layer._forward_hooks.values():  # observers (spike meters, recorders)
+                hook(layer, (x if i == 0 else spikes[i - 1], None if state is None else state[i]),
+                     (DecolleOutput(spikes[i], membranes[i]), new_state[i]))
+            syn = layer.synapse
+            syn.weight.grad = grads[i][0]
+            if syn.bias is not None:
+                syn.bias.grad = grads[i][1]
+        self.optimizer.step()
+        return tuple(readouts), torch.stack(losses), tuple(new_state)
+
+    def _compiled_math(self):
+        if self._compiled is None:
+            self._compiled = torch.compile(self._closed_form_math, options={"layout_optimization": False})
+        return self._compiled
+
+    def _closed_form_math(self, x, state, labels, target, rands, matched):
+        """Every layer's forward and Eq. 7, with no side effects: the same forward as
+        ``DecolleNetwork.forward`` (same arithmetic, same dropout draws; ``rands`` are those
+        draws when given), then per layer: dL/dY of its loss, dL/dS = dL/dY H (times the dropout
+        mask), dL/dU = dL/dS sigma'(U) (+ the regularisers' dL/dU), routed back through the
+        max-pool to its winning positions, and dW, db from the same weight-gradient kernel
+        autograd calls. No graph, no saved tensors, no input gradients.
+        ``tests/test_closed_form.py`` checks that the weights follow the autograd path step for
+        step.
+        """
+        net = self.network
+        new_state, readouts, losses, spikes, membranes, grads = [], [], [], [], [], []
         for i, (layer, readout) in enumerate(zip(net.layers, net.readouts)):
             params, syn = layer.params, layer.synapse
             x = layer._flat(x)
@@ -190,15 +237,17 @@ class DecolleRule:
             s = (u >= 0).to(u.dtype)
             r = torch.lerp(s, st.r, params.gamma)
             new_state.append(DecolleState(p, q, r))
-            for hook in layer._forward_hooks.values():  # observers (spike meters, recorders)
-                hook(layer, (x, st), (DecolleOutput(s, u), new_state[-1]))
+            spikes.append(s)
+            membranes.append(u)
 
-            keep = net.dropout.mask(s)
-            y = readout(s if keep is None else s * keep)
+            rand = net.dropout.draw(s) if rands[i] is None else rands[i]
+            keep = None if rand is None else keep_mask(rand, net.dropout.p)
+            g, h = readout.matched(s)[1:] if matched[i] is None else matched[i]
+            y = flat_in_memory_order(s if keep is None else s * keep) @ g.t()
             readouts.append(y)
             loss = local_loss(y, labels, self.loss, target)
             losses.append(loss + regulariser(u, self.reg1, self.reg2) if self.reg1 or self.reg2 else loss)
-            grad_u = readout.input_grad(loss_grad(y, target, self.loss), s)
+            grad_u = unflatten_like(loss_grad(y, target, self.loss) @ h, s)
             if keep is not None:
                 grad_u = grad_u * keep
             grad_u = grad_u * surrogate_derivative(u, layer.surrogate)
@@ -216,12 +265,9 @@ class DecolleRule:
             else:
                 gw = grad_u.t() @ p
                 gb = grad_u.sum(0) if syn.bias is not None else None
-            syn.weight.grad = gw
-            if syn.bias is not None:
-                syn.bias.grad = gb
+            grads.append((gw, gb))
             x = s
-        self.optimizer.step()
-        return tuple(readouts), torch.stack(losses), tuple(new_state)
+        return new_state, readouts, losses, spikes, membranes, grads
 
 
 def loss_grad(y: Tensor, target: Tensor, kind: Loss) -> Tensor:
