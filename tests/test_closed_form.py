@@ -88,12 +88,14 @@ def test_closed_form_with_sgd_and_weight_decay_uses_the_optimiser_as_given():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("betas,wd", [((0.0, 0.95), 0.0), ((0.9, 0.999), 0.01)])
-def test_lean_adamax_is_torch_adamax(betas, wd):
+@pytest.mark.parametrize("betas,wd,compile", [((0.0, 0.95), 0.0, False), ((0.9, 0.999), 0.01, False),
+                                              ((0.0, 0.95), 0.01, True)])
+def test_lean_adamax_is_torch_adamax(betas, wd, compile):
+    """Bit for bit; compiled (beta1 = 0: one fused pass), to rounding."""
     gen = torch.Generator().manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((5, 3, 3, 3), (5,), (7, 4))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    opt_a = Adamax(a, lr=0.01, betas=betas, weight_decay=wd)
+    opt_a = Adamax(a, lr=0.01, betas=betas, weight_decay=wd, compile=compile)
     opt_b = torch.optim.Adamax(b, lr=0.01, betas=betas, weight_decay=wd, foreach=True)
     sched = torch.optim.lr_scheduler.StepLR(opt_a, 4, 0.5)
     hooked = []
@@ -106,13 +108,18 @@ def test_lean_adamax_is_torch_adamax(betas, wd):
             a[2].grad = b[2].grad = None
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # e.g. the scheduler's "step() before optimizer.step()"
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.compile's own
             opt_a.step()
             sched.step()
         opt_b.step()
         opt_b.param_groups[0]["lr"] = opt_a.param_groups[0]["lr"]
         for p, q in zip(a, b):
-            assert torch.equal(p, q)
+            if compile:
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(p, q)
     assert len(hooked) == 12 and opt_a.param_groups[0]["lr"] == pytest.approx(0.01 / 8)
+    assert compile is (opt_a._compiled_update not in (None, False))  # compiled, no fallback
     # the state is torch's own: a checkpoint of one loads into the other
     opt_b.load_state_dict(opt_a.state_dict())
     for k in ("step", "exp_avg", "exp_inf"):
@@ -272,11 +279,18 @@ def test_compile_failure_falls_back_to_the_eager_closed_form(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    net, opt, twin, twin_opt = _pair(_cfg("boxcar", dropout=0.2))
+    net, _, twin, twin_opt = _pair(_cfg("boxcar", dropout=0.2))
+    opt = Adamax(net.parameters(), lr=0.01, betas=(0.0, 0.95), compile=True)
     x, labels = _inputs(5)
     torch.manual_seed(0)
-    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: .*no working C\+\+ compiler found\); training"):
+    with pytest.warns(RuntimeWarning) as caught:
         a = DecolleRule(net, opt, "mse", compile=True).train_sequence(x, labels)
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2, said  # one each, not one per step
+    assert said[0].startswith("Adamax(compile=True): torch.compile failed (RuntimeError: InductorError: "
+                              "no working C++ compiler found); the update continues eagerly")
+    assert said[1].startswith("rule.compile: torch.compile failed (RuntimeError: InductorError: "
+                              "no working C++ compiler found); training continues")
     torch.manual_seed(0)
     b = DecolleRule(twin, twin_opt, "mse").train_sequence(x, labels)
     assert torch.equal(a.votes, b.votes) and torch.equal(a.loss, b.loss)

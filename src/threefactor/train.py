@@ -104,7 +104,8 @@ def make_optimizer(cfg: Config, network: DecolleNetwork) -> torch.optim.Optimize
         for layer, s in zip(network.layers, scales)
     ]
     if o.name == "adamax":
-        return Adamax(groups, lr=o.lr, betas=o.betas)  # torch's, with a lean step (optim.py)
+        # torch's, with a lean step (optim.py); rule.compile fuses its update too
+        return Adamax(groups, lr=o.lr, betas=o.betas, compile=cfg.rule.compile)
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, foreach=True)
     return torch.optim.SGD(groups, lr=o.lr, foreach=True)

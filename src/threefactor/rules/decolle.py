@@ -179,6 +179,9 @@ class DecolleRule:
             # cache is Python state). S has the layout of R, so these are what the eager math uses.
             rands = [net.dropout.draw(st.r) for st in state]
             matched = [r.matched(st.r)[1:] for r, st in zip(net.readouts, state)]
+            # x[:, t] has a batch stride that depends on T; a guard on it would recompile for
+            # every sequence length
+            x = x.clone(memory_format=torch.contiguous_format)
             try:
                 outs = self._compiled_math()(x, state, labels, target, rands, matched)
             except Exception as err:  # noqa: BLE001 - a compiler failure falls back to eager
