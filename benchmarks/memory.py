@@ -46,7 +46,7 @@ def _peak_rss_bytes() -> int:
 def worker(spec: dict) -> dict:
     import torch
 
-    H.worker_setup(spec["threads"])
+    H.worker_setup(spec["threads"], spec.get("allocator", "default"))
     net = H.NETWORKS[spec["net"]]
     device = torch.device(spec.get("device", "cpu"))
     network, optimizer, rule = H.build_ours(net, spec["rule"], **spec.get("options", {}))
@@ -101,7 +101,8 @@ def measure(args) -> dict:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    base_spec = {"net": args.net, "threads": args.threads, "device": device, "baseline": True}
+    base_spec = {"net": args.net, "threads": args.threads, "device": device, "baseline": True,
+                 "allocator": args.allocator}
     baselines = {}
     for rule in rules:
         vals = []
@@ -134,6 +135,7 @@ def measure(args) -> dict:
                     log(f"{rule:7s} B={batch} T={steps}: skipped ({row['skipped']})")
                     continue
                 spec = {"net": args.net, "threads": args.threads, "device": device, "rule": rule,
+                        "allocator": args.allocator,
                         "batch": batch, "steps": steps}
                 repeats = args.repeats if (pred_s or 0) < args.repeat_below_s else 1
                 runs = [H.run_worker(MODULE, spec, args.threads, timeout=max(3 * args.max_run_s, 600))
@@ -173,7 +175,8 @@ def measure(args) -> dict:
                     "ru_maxrss of the subprocess minus the median ru_maxrss of subprocesses that only "
                     "build the model and optimiser"),
         "settings": {"net": args.net, "rules": rules, "batches": args.batches, "steps": args.steps,
-                     "threads": args.threads, "max_gb": args.max_gb, "max_run_s": args.max_run_s,
+                     "threads": args.threads, "allocator": args.allocator,
+                     "max_gb": args.max_gb, "max_run_s": args.max_run_s,
                      "rule_settings": "make_rule defaults with burn-in 0, smooth L1, Adamax; decolle/bptt: "
                                       "fast_sigmoid, lagged P, dropout 0.5, decolle in closed form; stllr: soft-reset LIF, "
                                       "vision factors, backprop learning signal, update every step"},
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--steps", nargs="+", type=int, default=[50, 100, 200, 400, 800, 1800])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--allocator", default="default", choices=H.ALLOCATORS,
+                   help="malloc policy of every run: default (glibc as it is) or retain (as "
+                        "threefactor.train runs, allocator.retain_freed_memory) (default)")
     p.add_argument("--max-gb", type=float, default=6.0, help="skip points predicted above this (6)")
     p.add_argument("--max-run-s", type=float, default=400.0, help="skip points predicted to run longer (400)")
     p.add_argument("--repeats", type=int, default=2, help="runs per point when it is quick (2)")

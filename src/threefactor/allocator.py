@@ -3,10 +3,10 @@
 Online learning frees and reallocates the same few megabyte-sized buffers at every time step
 (oneDNN's blocked copies of each conv weight, the weight gradients). With glibc's defaults a
 buffer that large is either its own ``mmap`` or sits at the top of the heap, where ``free``
-returns it to the OS; the next step then page-faults all of it back in, zero-filled. For the
-paper's DvsGesture network at batch 1 that is ~3 ms of a ~13 ms step, almost all in the
-128x128x7x7 weight's copies (``benchmarks/speed.py --allocator default`` measures it).
-Raising glibc's mmap and trim thresholds keeps those pages mapped and reused.
+returns it to the OS; the next step then page-faults it back in, zero-filled: 350-580 page
+faults per step for the paper's DvsGesture network at batch 1, 4-8 with this policy. Raising
+glibc's mmap and trim thresholds keeps those pages mapped and reused. (On the development
+machine the step time moved by less than the noise: ``benchmarks.speed --allocator default``.)
 
 The cost is memory the process keeps after a peak: up to ``trim_threshold`` at the top of the
 heap. Allocations above ``mmap_threshold`` still get their own mapping and go back on free.
@@ -24,7 +24,7 @@ _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit (HEAP_MAX_SI
 
 
 def retain_freed_memory(
-    mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshold: int = 1 << 30
+    mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshold: int = 256 * 1024 * 1024
 ) -> bool:
     """Set glibc's malloc thresholds for this process; True where it took effect.
 
