@@ -37,7 +37,8 @@ class Adamax(torch.optim.Adamax):
         self._compiled_update = None  # False once compiling failed
 
     def _fused_update(self, params, grads, exp_infs, lr: float, beta2: float, eps: float) -> bool:
-        """The compiled update; False where it is not to be used (and nothing was changed)."""
+        """The compiled update; False where it is not used (compiler errors come before
+        anything has run, so the caller's eager update starts from the same state)."""
         if not self.compile or self._compiled_update is False:
             return False
         if self._compiled_update is None:
@@ -85,7 +86,9 @@ class Adamax(torch.optim.Adamax):
             torch._foreach_add_(steps, 1.0)
             if group["weight_decay"] != 0:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if beta1 == 0:  # exp_avg.lerp_(grad, 1) is grad itself: hold it, no pass over memory
+            # exp_avg.lerp_(grad, 1) is grad itself: hold it, no pass over memory (it is then
+            # p.grad: zeroing grads in place zeroes it too, which beta1 = 0 never reads)
+            if beta1 == 0:
                 for st, g in zip(states, grads):
                     st["exp_avg"] = g
                 exp_avgs = grads
