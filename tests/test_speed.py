@@ -108,8 +108,9 @@ def test_small_network_is_the_documented_size_and_takes_the_closed_form():
     assert not H.build_ours(net, closed_form=False)[2].uses_closed_form()
 
 
-@pytest.mark.parametrize("kind", ["ours", "ours_autograd"])
-def test_speed_worker_measures_online_training_of_both_paths(kind):
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # ours_compiled must not fall back to eager
+@pytest.mark.parametrize("kind", ["ours", "ours_autograd", "ours_compiled"])
+def test_speed_worker_measures_online_training_of_every_path(kind):
     from benchmarks import speed
 
     r = speed.worker({"kind": kind, "net": "small", "mode": "train", "batch": 2,
