@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,11 @@ def _steps_for(per_step_s: float, target_s: float, lo: int = 5, hi: int = 2000) 
     return int(min(hi, max(lo, round(target_s / max(per_step_s, 1e-6)))))
 
 
+def _minor_faults() -> int:
+    """Page faults of this process so far (minor: pages mapped in, e.g. zero-filled fresh ones)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _ours(spec: dict) -> dict:
     import torch
 
@@ -154,11 +160,11 @@ def _ours(spec: dict) -> dict:
     steps = _steps_for((time.perf_counter() - t0) / 3, spec["target_s"])
     x = H.random_events(batch, steps, net.input_shape, seed=2)
     peak_here = _burst_peak()
-    c0, t0 = time.process_time(), time.perf_counter()
+    f0, c0, t0 = _minor_faults(), time.process_time(), time.perf_counter()
     run(x)
-    el, cpu = time.perf_counter() - t0, time.process_time() - c0
+    el, cpu, faults = time.perf_counter() - t0, time.process_time() - c0, _minor_faults() - f0
     return {"steps": steps, "elapsed_s": el, "cpu_s": cpu, "sample_steps_per_s": batch * steps / el,
-            "peak_here_gflops": peak_here,
+            "peak_here_gflops": peak_here, "page_faults_per_step": faults / steps,
             "sample_steps_per_cpu_s": batch * steps / cpu, "torch_threads": torch.get_num_threads()}
 
 
@@ -175,24 +181,24 @@ def _theirs(spec: dict) -> dict:
         if mode == "train":
             model.train()
             model.init(x, 0)  # their state reset (one step without gradient), not timed
-            c0, t0 = time.process_time(), time.perf_counter()
+            f0, c0, t0 = _minor_faults(), time.process_time(), time.perf_counter()
             H.authors_train_steps(model, optimizer, loss_fn, x, target, mask)
         else:
             model.eval()
             with torch.no_grad():
                 model.init(x, 0)
-            c0, t0 = time.process_time(), time.perf_counter()
+            f0, c0, t0 = _minor_faults(), time.process_time(), time.perf_counter()
             H.authors_infer_steps(model, loss_fn, x, target)
-        return time.perf_counter() - t0, time.process_time() - c0
+        return time.perf_counter() - t0, time.process_time() - c0, _minor_faults() - f0
 
     warm = H.random_events(batch, 3, net.input_shape, seed=1)
     run(warm)
     steps = _steps_for(run(warm)[0] / 3, spec["target_s"])
     x = H.random_events(batch, steps, net.input_shape, seed=2)
     peak_here = _burst_peak()
-    el, cpu = run(x)
+    el, cpu, faults = run(x)
     return {"steps": steps, "elapsed_s": el, "cpu_s": cpu, "sample_steps_per_s": batch * steps / el,
-            "peak_here_gflops": peak_here,
+            "peak_here_gflops": peak_here, "page_faults_per_step": faults / steps,
             "sample_steps_per_cpu_s": batch * steps / cpu, "torch_threads": torch.get_num_threads()}
 
 
@@ -310,6 +316,8 @@ def aggregate(data: dict) -> dict:
             "ours_fraction_of_peak_cpu_time": ((s_ours_c["median"] or 0) * f_step / 1e9 / peak_cpu_ref
                                                if peak_cpu_ref else None),
             "errors": [r["error"] for k in (key_o, key_t) for r in raw.get(k, []) if "error" in r],
+            "ours_page_faults_per_step": H.summarise(vals(key_o, "page_faults_per_step")),
+            "theirs_page_faults_per_step": H.summarise(vals(key_t, "page_faults_per_step")),
         }
         # each run against the burst peak measured in the same process just before it
         here = [r["sample_steps_per_s"] * f_step / 1e9 / r["peak_here_gflops"]

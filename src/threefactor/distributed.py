@@ -139,6 +139,16 @@ def teardown() -> None:
             dist.destroy_process_group()
 
 
+def wait_for_all() -> None:
+    """A barrier at the end of a run that succeeded everywhere: without it, a process that
+    finishes first can tear its connections down under one still in its last collective, and
+    gloo aborts that one at exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def rank_seed(seed: int, rank: int, salt: int = 0) -> int:
     """A seed for process ``rank`` of a run seeded ``seed``: distinct per process (dropout masks)."""
     digest = hashlib.sha256(f"threefactor:{seed}:{rank}:{salt}".encode()).digest()

@@ -608,7 +608,9 @@ def _train_together(cfg: Config, out: Path, log, resume: bool) -> dict:
             if not info.is_main:
                 payload = _parse_checkpoint(out / CHECKPOINT_NAME, data)
             del data
-        return _run(cfg, out, device, payload, metrics_file, log, closers, info)
+        summary = _run(cfg, out, device, payload, metrics_file, log, closers, info)
+        distributed.wait_for_all()
+        return summary
     finally:
         for close in reversed(closers):
             close()
