@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
     step(keep)
     step(keep)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
+    for _ in range(20):
         step(keep)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
@@ -40,5 +40,6 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_retained_buffers_are_reused_without_page_faults():
     pages = 128 * 128 * 49 * 4 // 4096  # one weight gradient
-    assert _faults("mmap") > 5 * pages  # every gradient its own mapping, faulted in afresh
-    assert _faults("retain") < pages  # 10 steps fault in less than one gradient's worth
+    assert _faults("mmap") > 10 * pages  # every gradient its own mapping, faulted in afresh
+    # 20 steps fault in at most what the heap needs to grow once or twice, not once per step
+    assert _faults("retain") < 3 * pages
