@@ -323,24 +323,21 @@ def aggregate(data: dict) -> dict:
         here = [r["sample_steps_per_s"] * f_step / 1e9 / r["peak_here_gflops"]
                 for r in raw.get(key_o, []) if r.get("peak_here_gflops")]
         row["ours_fraction_of_peak_paired"] = H.summarise(here) if here else None
-        key_a = f"ours_autograd/{net}/{mode}/{batch}"
-        if raw.get(key_a):
-            ag, ag_c = vals(key_a), vals(key_a, "sample_steps_per_cpu_s")
-            row["ours_autograd_sample_steps_per_s"] = H.summarise(ag)
-            row["ours_autograd_sample_steps_per_cpu_s"] = H.summarise(ag_c)
-            if len(ag) == len(ours):
-                row["speedup_closed_form_over_autograd"] = H.summarise([o / a for o, a in zip(ours, ag)])
-            if theirs_ok and len(ag) == len(theirs):
-                row["ratio_autograd_over_theirs"] = H.summarise([a / t for a, t in zip(ag, theirs)])
-        key_c = f"ours_compiled/{net}/{mode}/{batch}"
-        if raw.get(key_c):
-            co, co_c = vals(key_c), vals(key_c, "sample_steps_per_cpu_s")
-            row["ours_compiled_sample_steps_per_s"] = H.summarise(co)
-            row["ours_compiled_sample_steps_per_cpu_s"] = H.summarise(co_c)
-            if len(co) == len(ours):
-                row["speedup_compiled_over_eager"] = H.summarise([c / o for c, o in zip(co, ours)])
-            if theirs_ok and len(co) == len(theirs):
-                row["ratio_compiled_over_theirs"] = H.summarise([c / t for c, t in zip(co, theirs)])
+        # the other paths of ours: each against theirs, and the default against it (or it
+        # against the default), paired repeat by repeat
+        for impl, short, speedup in (("ours_autograd", "autograd", "speedup_closed_form_over_autograd"),
+                                     ("ours_compiled", "compiled", "speedup_compiled_over_eager")):
+            key = f"{impl}/{net}/{mode}/{batch}"
+            if not raw.get(key):
+                continue
+            v = vals(key)
+            row[f"{impl}_sample_steps_per_s"] = H.summarise(v)
+            row[f"{impl}_sample_steps_per_cpu_s"] = H.summarise(vals(key, "sample_steps_per_cpu_s"))
+            if len(v) == len(ours):
+                pairs = zip(ours, v) if impl == "ours_autograd" else zip(v, ours)
+                row[speedup] = H.summarise([a / b for a, b in pairs])
+            if theirs_ok and len(v) == len(theirs):
+                row[f"ratio_{short}_over_theirs"] = H.summarise([a / t for a, t in zip(v, theirs)])
         if mode == "train":
             row["ours_fraction_of_peak_3x_convention"] = (
                 (s_ours["max"] or 0) * flops["train_3x"] / 1e9 / peak_ref if peak_ref else None)
