@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import uuid
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,17 @@ def reset_peak_rss() -> float | None:
 def emit(result: dict) -> None:
     """Worker side: print the one result line the parent reads."""
     print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def launch_command(processes: int, target: list[str]) -> list[str]:
+    """``target`` (``-m module ...`` or a script and its arguments) on ``processes`` processes:
+    torchrun with one node on 127.0.0.1 for 2 or more, a plain interpreter for 1."""
+    if processes == 1:
+        return [sys.executable, *target]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", str(processes), "--rdzv-backend", "c10d",
+            # port 0: the rendezvous store takes a free port itself (no race for one)
+            "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, *target]
 
 
 ALLOCATORS = ("retain", "default")

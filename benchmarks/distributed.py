@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -151,14 +150,7 @@ def launch(spec: dict, processes: int, threads: int, timeout: float = 1800.0) ->
         env.pop(key, None)
     if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"
-    target = ["-m", "benchmarks.distributed", "--worker", json.dumps(spec)]
-    if processes == 1:
-        cmd = [sys.executable, *target]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-               "--nproc-per-node", str(processes), "--rdzv-backend", "c10d",
-               # port 0: the rendezvous store takes a free port itself (no race for one)
-               "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, *target]
+    cmd = H.launch_command(processes, ["-m", "benchmarks.distributed", "--worker", json.dumps(spec)])
     try:
         proc = subprocess.run(cmd, cwd=H.ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -13,17 +13,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import wait_for_marker
 from threefactor.config import load_config
 from threefactor.distributed import shard
 from threefactor.train import read_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _harness as H  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -59,14 +64,7 @@ def _env(**extra) -> dict:
 def _launch(nproc: int, target: list[str], **env) -> subprocess.Popen:
     """``target`` (``-m threefactor ...`` or a script and its arguments) on ``nproc`` processes:
     torchrun with gloo on 127.0.0.1 for 2 or more, a plain interpreter for 1."""
-    if nproc == 1:
-        cmd = [sys.executable, *target]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-               "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-               # port 0: the rendezvous store takes a free port itself (no race for one)
-               "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, *target]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(H.launch_command(nproc, target), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(**env))
 
 
@@ -83,14 +81,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 def _stop_when_stalled(proc: subprocess.Popen, marker: Path, timeout: float = 120.0) -> None:
     """Wait until the trainer reached the stall point, then stop it (torchrun: SIGTERM, which
     it passes on to its workers; one process: SIGKILL)."""
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before the stall point:\n{proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("the run never reached the stall point")
-        time.sleep(0.02)
+    wait_for_marker(proc, marker, timeout)
     is_torchrun = "torch.distributed.run" in proc.args
     proc.send_signal(signal.SIGTERM if is_torchrun else signal.SIGKILL)
     proc.communicate(timeout=60)

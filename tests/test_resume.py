@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import importlib
@@ -15,6 +14,7 @@ import importlib
 import pytest
 import torch
 
+from conftest import wait_for_marker
 from threefactor.cli import main
 from threefactor.config import load_config
 from threefactor.train import (
@@ -54,14 +54,7 @@ def _start(args: list[str], **env) -> subprocess.Popen:
 
 def _kill_when_stalled(proc: subprocess.Popen, marker: Path, timeout: float = 120.0) -> None:
     """Wait until the trainer says it reached the stall point, then SIGKILL it."""
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before the stall point:\n{proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("the run never reached the stall point")
-        time.sleep(0.02)
+    wait_for_marker(proc, marker, timeout)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
