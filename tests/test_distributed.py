@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import wait_for_marker
+from stall_point import wait_for_marker
 from threefactor.config import load_config
 from threefactor.distributed import shard
 from threefactor.train import read_checkpoint

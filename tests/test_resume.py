@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import wait_for_marker
+from stall_point import wait_for_marker
 from threefactor.cli import main
 from threefactor.config import load_config
 from threefactor.train import (
