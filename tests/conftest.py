@@ -17,4 +17,3 @@ def _seed_torch():
     """Every test starts from the same global RNG state, whatever ran before it."""
     torch.manual_seed(0)
     yield
-
