@@ -20,20 +20,31 @@ from threefactor.network import build_network
 from threefactor.optim import Adamax
 from threefactor.rules.decolle import LOSSES, DecolleRule, ErrorTrigger
 
-CASES = [  # surrogate, loss, ordering, feedback alignment, reg1, reg2, dropout
-    ("boxcar", "mse", "current", False, 0.0, 0.0, 0.0),
-    ("fast_sigmoid", "smooth_l1", "lagged", False, 0.0, 0.0, 0.3),
-    ("sigmoid", "cross_entropy", "current", True, 0.2, 0.3, 0.0),
-    ("boxcar", "smooth_l1", "lagged", True, 0.1, 0.5, 0.5),
+CASES = [  # surrogate, loss, ordering, feedback alignment, reg1, reg2, dropout, variant
+    ("boxcar", "mse", "current", False, 0.0, 0.0, 0.0, "after_pool"),
+    ("fast_sigmoid", "smooth_l1", "lagged", False, 0.0, 0.0, 0.3, "after_pool"),
+    ("sigmoid", "cross_entropy", "current", True, 0.2, 0.3, 0.0, "after_pool"),
+    ("boxcar", "smooth_l1", "lagged", True, 0.1, 0.5, 0.5, "after_pool"),
+    ("fast_sigmoid", "smooth_l1", "lagged", False, 0.0, 0.0, 0.3, "authors"),
+    ("boxcar", "mse", "current", True, 0.1, 0.2, 0.0, "before_pool"),
 ]
+# the neuron's refractory placement and threshold, and the readout bias
+VARIANTS = {
+    "after_pool": dict(refractory="after_pool", spike_at_zero=True, readout_bias=False),
+    "before_pool": dict(refractory="before_pool", spike_at_zero=True, readout_bias=False),
+    "authors": dict(refractory="before_pool", spike_at_zero=False, readout_bias=True),
+}
 
 
-def _cfg(surrogate, ordering="current", fa=False, dropout=0.0, layers=None) -> NetworkConfig:
+def _cfg(surrogate, ordering="current", fa=False, dropout=0.0, layers=None, variant="after_pool") -> NetworkConfig:
+    v = dict(VARIANTS[variant])
+    readout_bias = v.pop("readout_bias")
     return NetworkConfig(
         layers=layers or [LayerConfig("conv", 3, 3, 2), LayerConfig("conv", 4, 3, 1),
                           LayerConfig("conv", 4, 3, 2), LayerConfig("dense", 6)],
-        neuron=NeuronConfig(alpha=0.9, beta=0.8, ordering=ordering),
+        neuron=NeuronConfig(alpha=0.9, beta=0.8, ordering=ordering, **v),
         surrogate=surrogate, readout_scale=2.0, dropout=dropout, feedback_alignment=fa, init="default",
+        readout_bias=readout_bias,
     )
 
 
@@ -54,9 +65,10 @@ def _inputs(T, B=3, shape=(2, 12, 12), seed=0):
     return x, torch.randint(0, 4, (B,), generator=gen)
 
 
-@pytest.mark.parametrize("surrogate,loss,ordering,fa,reg1,reg2,dropout", CASES)
-def test_closed_form_step_follows_autograd_update_for_update(surrogate, loss, ordering, fa, reg1, reg2, dropout):
-    net, opt, twin, twin_opt = _pair(_cfg(surrogate, ordering, fa, dropout))
+@pytest.mark.parametrize("surrogate,loss,ordering,fa,reg1,reg2,dropout,variant", CASES)
+def test_closed_form_step_follows_autograd_update_for_update(surrogate, loss, ordering, fa, reg1, reg2, dropout,
+                                                              variant):
+    net, opt, twin, twin_opt = _pair(_cfg(surrogate, ordering, fa, dropout, variant=variant))
     fast = DecolleRule(net, opt, loss, reg1, reg2, burn_in=2, closed_form=True)
     slow = DecolleRule(twin, twin_opt, loss, reg1, reg2, burn_in=2, closed_form=False)
     assert fast.uses_closed_form() and not slow.uses_closed_form()
@@ -245,10 +257,11 @@ def test_lean_adamax_with_one_group_per_layer_is_torch_adamax():
         assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
-def test_compiled_closed_form_is_the_eager_closed_form():
+@pytest.mark.parametrize("variant", ["after_pool", "authors"])
+def test_compiled_closed_form_is_the_eager_closed_form(variant):
     """``rule.compile``: the same math through torch.compile (fused kernels round differently),
     the same dropout draws, the spike meter's hooks still called at every step."""
-    net, opt, twin, twin_opt = _pair(_cfg("fast_sigmoid", "lagged", dropout=0.3))
+    net, opt, twin, twin_opt = _pair(_cfg("fast_sigmoid", "lagged", dropout=0.3, variant=variant))
     net.float(), twin.float()
     seen = {0: [], 1: []}
     for k, n in enumerate((net, twin)):

@@ -265,3 +265,36 @@ def test_layer_creates_its_initial_state_in_the_dtype_of_its_weights(dtype):
         assert out.u.dtype == out.s.dtype == dtype
         assert all(t.dtype == dtype for t in state)
         assert DecolleLayer(syn).output_shape(tuple(x.shape[1:])) == tuple(out.u.shape[1:])
+
+
+@pytest.mark.parametrize("spike_at_zero", [True, False])
+def test_refractory_before_the_pool_follows_each_neuron_of_the_pool(spike_at_zero):
+    """R per unpooled neuron, driven by its own spikes; the layer spikes on maxpool(V - rho R)."""
+    v = torch.tensor([[[[1.0, 0.5], [-1.0, -2.0]]]])  # W P + b of one 2 x 2 pool, every step
+    params = DecolleParams(gamma=0.5, rho=1.0, refractory="before_pool", spike_at_zero=spike_at_zero)
+    x = torch.zeros(1, 1, 2, 2)
+    state = DecolleState(x, x.clone(), torch.zeros(1, 1, 2, 2))
+    pool = torch.nn.MaxPool2d(2)
+    out, state = decolle_step(x, state, params, lambda p: v, pool)
+    assert out.u.item() == 1.0 and out.s.item() == 1.0
+    assert state.r.tolist() == [[[[0.5, 0.5], [0.0, 0.0]]]]  # both neurons above 0 fired
+    out, state = decolle_step(x, state, params, lambda p: v, pool)
+    assert out.u.item() == 0.5 and out.s.item() == 1.0  # maxpool([0.5, 0, -1, -2])
+    second = 0.5 if spike_at_zero else 0.0  # the neuron at exactly 0 fires only with spike_at_zero
+    assert state.r.tolist() == [[[[0.75, 0.25 + second], [0.0, 0.0]]]]
+
+
+def test_refractory_after_the_pool_follows_the_pooled_unit():
+    v = torch.tensor([[[[1.0, 0.5], [-1.0, -2.0]]]])
+    params = DecolleParams(gamma=0.5, rho=1.0, refractory="after_pool")
+    x = torch.zeros(1, 1, 2, 2)
+    state = DecolleState(x, x.clone(), torch.zeros(1, 1, 1, 1))
+    for expected_u, expected_r in ((1.0, 0.5), (0.5, 0.75), (0.25, 0.875)):
+        out, state = decolle_step(x, state, params, lambda p: v, torch.nn.MaxPool2d(2))
+        assert out.u.item() == expected_u and state.r.item() == expected_r
+
+
+def test_spike_at_zero_decides_whether_u_equal_to_zero_spikes():
+    u = torch.tensor([-1e-30, 0.0, 1e-30])
+    assert spike(u, "fast_sigmoid", spike_at_zero=True).tolist() == [0.0, 1.0, 1.0]
+    assert spike(u, "fast_sigmoid", spike_at_zero=False).tolist() == [0.0, 0.0, 1.0]

@@ -85,6 +85,7 @@ def test_machine_description_names_cpu_torch_and_threads():
     assert m["torch"] == torch.__version__ and m["threads"] == 2 and m["cpu_model"]
 
 
+@pytest.mark.oracle
 @pytest.mark.skipif(not H.authors_available()[0], reason="decolle==0.2 (the authors' code) not installed")
 def test_authors_network_trains_online_like_their_train_loop():
     net = H.NETWORKS["dvsgesture"]

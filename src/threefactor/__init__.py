@@ -1,6 +1,7 @@
 """threefactor: online, local learning in spiking neural networks (DECOLLE, S-TLLR)."""
 
 from .config import Config, ConfigError, load_config
+from .decolle_public import from_decolle
 from .export import export_nir, from_nir
 from .layers import DecolleLayer, LIFLayer, LocalReadout
 from .network import DecolleNetwork, NetworkOutput, build_network, lsuv_init
@@ -13,7 +14,7 @@ from .train import load_checkpoint, train
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "ConfigError", "load_config", "export_nir", "from_nir", "DecolleLayer", "LIFLayer",
+    "Config", "ConfigError", "load_config", "export_nir", "from_nir", "from_decolle", "DecolleLayer", "LIFLayer",
     "LocalReadout", "DecolleNetwork", "NetworkOutput", "build_network", "lsuv_init",
     "DecolleOutput", "DecolleParams", "DecolleState", "LIFParams", "LIFState", "decolle_step",
     "input_trace_step", "lif_step", "spike", "surrogate_derivative", "BPTTRule", "DecolleRule",

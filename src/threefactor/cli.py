@@ -41,6 +41,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if main_process:
         print(f"run directory: {out}")
+    args.run_dir = out
     summary = train(cfg, out)
     accs = " ".join(f"{k} {v:.3f}" for k, v in summary["test_accuracy"].items())
     if main_process:
@@ -73,6 +74,7 @@ def _resume(args: argparse.Namespace) -> int:
         return 0
     if main_process:
         print(f"resuming run directory: {run}")
+    args.run_dir = run
     summary = train(cfg, run, resume=True)
     accs = " ".join(f"{k} {v:.3f}" for k, v in summary["test_accuracy"].items())
     if main_process:
@@ -153,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         if _is_main_process():
-            print("threefactor: interrupted; the run directory keeps its last checkpoint "
-                  "(continue with threefactor train --resume RUN_DIR)", file=sys.stderr)
+            run = getattr(args, "run_dir", None)
+            if run is not None and not (Path(run) / "checkpoint.pt").exists():
+                print("threefactor: interrupted before the run's first checkpoint; it left nothing "
+                      "to resume", file=sys.stderr)
+            else:
+                print(f"threefactor: interrupted; the run directory keeps its last checkpoint "
+                      f"(continue with threefactor train --resume {run or 'RUN_DIR'})", file=sys.stderr)
         return 130
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,15 +45,22 @@ class NeuronConfig:
     beta: float = 0.6
     gamma: float = 0.65
     rho: float = 1.0
+    # current: input spikes reach U in the same step (exact NIR CubaLIF); lagged: one step
+    # later, P driven by the previous Q (the authors' code)
     ordering: Literal["current", "lagged"] = "current"
+    # pooled layers: before_pool keeps one R per unpooled neuron, driven by its own spikes
+    # (the authors' code); after_pool one R per pooled unit (docs/decolle.md compares them)
+    refractory: Literal["after_pool", "before_pool"] = "after_pool"
+    spike_at_zero: bool = True  # U = 0 is a spike (false: spike on U > 0, the authors' code)
 
 
 @dataclass
 class LIFConfig:
-    """The soft-reset LIF neuron of S-TLLR: u = gamma (u - v_th s) + I, s = Theta(u - v_th)."""
+    """The LIF neuron of S-TLLR: u = gamma (u - v_th s) + I (soft reset), s = Theta(u - v_th)."""
 
     gamma: float = 0.9  # leak per step
     v_th: float = 1.0  # firing threshold
+    reset: Literal["soft", "hard"] = "soft"  # soft: u - v_th after a spike; hard: u * 0
 
 
 @dataclass
@@ -66,6 +75,7 @@ class NetworkConfig:
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     surrogate: Literal["boxcar", "fast_sigmoid", "sigmoid"] = "boxcar"
     readout_scale: float = 0.5
+    readout_bias: bool = False  # a fixed random bias on every readout, drawn like G (the authors' code)
     feedback_alignment: bool = False
     dropout: float = 0.2  # on the path into each readout only
     init: Literal["lsuv", "default"] = "lsuv"
@@ -87,6 +97,13 @@ class DataConfig:
     random_slice: bool = False  # training samples: a random window of timesteps bins, not the first
     downsample: int = 1  # sum events of factor x factor pixels (DVS Gesture: 4, 128 -> 32)
     crop: int | None = None  # centre crop to crop x crop pixels (N-MNIST: 32, from 34)
+    # folder: the sensor [width, height, polarities] every event is checked against; null = the
+    # smallest that holds the training split's events (the other datasets' sensors are fixed)
+    sensor_size: tuple[int, int, int] | None = None
+    # folder: the class names, in the order of their indices; null = the training split's, sorted
+    classes: list[str] | None = None
+    # an event off the sensor: error refuses its file; drop leaves the event out (and says how many)
+    outside_sensor: Literal["error", "drop"] = "error"
     cache_dir: str | None = "~/.cache/threefactor"  # frames of splits too large for memory
     seed: int = 1234
     # The embedded dataset's recordings:
@@ -111,7 +128,12 @@ class ErrorTriggerConfig:
 class STLLRConfig:
     # [lambda_post, lambda_pre, alpha_post, alpha_pre]: [0.2, 0.75, -1, 1] vision, [0.5, 1, 1, 1] SHD
     factors: tuple[float, float, float, float] = (0.2, 0.75, -1.0, 1.0)
-    psi: Literal["boxcar", "fast_sigmoid", "sigmoid"] | None = None  # secondary activation; null = network.surrogate
+    # Psi, the secondary activation (also the spike's derivative for the learning signal):
+    # authors = the authors' function for each layer's kind (authors_linear on dense layers,
+    # authors_conv on conv layers); null = network.surrogate
+    psi: Literal["authors", "authors_linear", "authors_conv", "boxcar", "fast_sigmoid", "sigmoid"] | None = "authors"
+    # psi_delta: db = sum Psi delta (the authors'); synapse: the bias as a synapse from a constant 1
+    bias_update: Literal["psi_delta", "synapse"] = "psi_delta"
     learning_signal: Literal["backprop", "dfa", "local"] = "backprop"  # how delta reaches hidden layers
     update: Literal["step", "sequence"] = "step"  # optimiser step every time step, or once per sequence
 
@@ -160,6 +182,9 @@ class TrainConfig:
     eval_every: int = 0  # batches between extra test evaluations; 0 = at the end of every epoch only
     tensorboard: bool = field(default_factory=_tensorboard_available)  # event files in RUN_DIR/tensorboard
     plots: bool = True  # PNGs in RUN_DIR/plots at the end of training (needs matplotlib)
+    # The run is stopped as diverged when a layer's loss or weight norm exceeds this many times
+    # its running value (besides any NaN or Inf); 0 = stop on NaN and Inf only
+    divergence_factor: float = 1000.0
 
 
 @dataclass
@@ -208,10 +233,29 @@ def _type_name(tp: Any) -> str:
             type(None): "null"}.get(tp, str(tp))
 
 
+# What a message quotes of an offending value: a few items, a few levels, a short prefix. A
+# value built from nested YAML anchors can be astronomically large once written out.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxtuple = 2, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+MAX_QUOTE = 80
+MAX_CONFIG_BYTES = 2**20
+
+
+def quote(value: Any) -> str:
+    """A short repr of ``value`` for an error message (at most ``MAX_QUOTE`` characters)."""
+    return _clip(_SHORT.repr(value))
+
+
+def _clip(text: str) -> str:
+    """``text`` (a key, a --set assignment) cut to at most ``MAX_QUOTE`` characters."""
+    return text if len(text) <= MAX_QUOTE else text[:MAX_QUOTE - 3] + "..."
+
+
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     def bad() -> ConfigError:
         return ConfigError(
-            f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}"
+            f"{source}: '{key}' must be {_type_name(tp)}, got {quote(value)}"
         )
 
     origin = typing.get_origin(tp)
@@ -238,7 +282,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is tuple:
         items = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise ConfigError(f"{source}: '{key}' must be a list of {len(items)} numbers, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(items)} numbers, got {quote(value)}")
         return tuple(_convert(v, t, f"{key}.{i}", source) for i, (v, t) in enumerate(zip(value, items)))
     if tp is type(None):
         if value is not None:
@@ -257,6 +301,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             value = float(value)  # YAML 1.1 reads 1e-3 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -272,11 +318,11 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = difflib.get_close_matches(str(key)[:MAX_QUOTE], names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             where = f"'{prefix}'" if prefix else "the top level"
             raise ConfigError(
-                f"{source}: unknown key '{full}'{hint}; valid keys in {where}: {', '.join(names)}"
+                f"{source}: unknown key '{_clip(full)}'{hint}; valid keys in {where}: {', '.join(names)}"
             )
         kwargs[key] = _convert(value, hints[key], full, source)
     return cls(**kwargs)
@@ -334,7 +380,7 @@ def check(cfg: Config, source: str = "config") -> None:
     if not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"{source}: 'optim.betas' must both be in [0, 1), got {list(o.betas)}")
     if o.layer_lr_scale is not None and not all(s > 0 for s in o.layer_lr_scale):
-        raise ConfigError(f"{source}: 'optim.layer_lr_scale' entries must be > 0, got {o.layer_lr_scale}")
+        raise ConfigError(f"{source}: 'optim.layer_lr_scale' entries must be > 0, got {quote(o.layer_lr_scale)}")
     if cfg.data.noise_rate_hz < 0:
         raise ConfigError(f"{source}: 'data.noise_rate_hz' must be >= 0, got {cfg.data.noise_rate_hz}")
     for i, layer in enumerate(cfg.network.layers):
@@ -351,7 +397,55 @@ def check(cfg: Config, source: str = "config") -> None:
             f"{source}: 'distributed.average_every' must be >= 1 (optimiser steps between weight "
             f"averages), got {cfg.distributed.average_every}"
         )
+    if cfg.train.divergence_factor != 0 and not cfg.train.divergence_factor > 1:
+        raise ConfigError(
+            f"{source}: 'train.divergence_factor' must be > 1 (how many times its running value a "
+            f"loss or weight norm may reach), or 0 to stop on NaN and Inf only, got {cfg.train.divergence_factor}")
+    _check_data(cfg, source)
     _check_rule_choice(cfg, source)
+
+
+def _check_data(cfg: Config, source: str) -> None:
+    """The size and shape settings of ``data``, against each other and the dataset's sensor."""
+    d = cfg.data
+    if d.test_timesteps is not None:
+        if not d.test_timesteps > 0:
+            raise ConfigError(f"{source}: 'data.test_timesteps' must be > 0 or null (= data.timesteps), got {d.test_timesteps}")
+        if not cfg.rule.burn_in < d.test_timesteps:
+            raise ConfigError(
+                f"{source}: 'rule.burn_in' ({cfg.rule.burn_in}) must be below data.test_timesteps "
+                f"({d.test_timesteps}), or no test step would be scored")
+    if d.crop is not None and not d.crop > 0:
+        raise ConfigError(f"{source}: 'data.crop' must be > 0 or null (no crop), got {d.crop}")
+    if d.sensor_size is not None and not all(v > 0 for v in d.sensor_size):
+        raise ConfigError(f"{source}: 'data.sensor_size' must be three sizes > 0 [width, height, polarities], "
+                          f"got {list(d.sensor_size)}")
+    if d.classes is not None:
+        if not d.classes:
+            raise ConfigError(f"{source}: 'data.classes' must name at least one class, or be null")
+        repeated = sorted({c for c in d.classes if d.classes.count(c) > 1})
+        if repeated:
+            raise ConfigError(f"{source}: 'data.classes' names {quote(repeated[0])} more than once")
+    for key in ("sensor_size", "classes"):
+        if getattr(d, key) is not None and d.dataset != "folder":
+            raise ConfigError(f"{source}: 'data.{key}' is for data.dataset 'folder'; {d.dataset!r} "
+                              "has its own")
+    if d.dataset == "embedded":
+        # The embedded recordings are made as 32 x 32 frames of data.timesteps bins of 1 ms.
+        for key, default in (("crop", None), ("downsample", 1), ("test_timesteps", None), ("dt_us", 1000),
+                             ("random_slice", False)):
+            if getattr(d, key) != default:
+                raise ConfigError(f"{source}: 'data.{key}' applies to recorded datasets, not to "
+                                  f"'embedded', whose frames are made at their final size; remove it")
+        return
+    from .data.splits import KNOWN_SENSORS, geometry_problem
+
+    sensor = KNOWN_SENSORS.get(d.dataset) or d.sensor_size
+    if sensor is not None:
+        name = d.dataset if d.dataset != "folder" else f"{d.root} (data.sensor_size)"
+        problem = geometry_problem(d, tuple(sensor), name)
+        if problem is not None:
+            raise ConfigError(f"{source}: {problem}")
 
 
 def _check_rule_choice(cfg: Config, source: str) -> None:
@@ -387,7 +481,7 @@ def apply_override(data: dict, assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {assignment!r}: expected key=value, for example optim.lr=0.002")
+        raise ConfigError(f"--set {quote(assignment)}: expected key=value, for example optim.lr=0.002")
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
@@ -407,12 +501,12 @@ def apply_override(data: dict, assignment: str) -> None:
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ConfigError(f"--set {assignment!r}: '{'.'.join(parts[:-1])}' is not a mapping")
+        raise ConfigError(f"--set {quote(assignment)}: '{_clip('.'.join(parts[:-1]))}' is not a mapping")
 
 
 def _index(part: str, node: list, key: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"--set {key}: '{part}' is not an index of a list of {len(node)} items")
+        raise ConfigError(f"--set {_clip(key)}: '{_clip(part)}' is not an index of a list of {len(node)} items")
     return int(part)
 
 
@@ -430,7 +524,7 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
                 f"{', '.join(presets()) or 'none'}"
             )
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(_read_config_text(path)) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -443,10 +537,28 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
     for assignment in overrides:
         # Validate the key before merging so a typo names the key, not a later symptom.
         key = assignment.partition("=")[0]
-        _check_path(key.split("."), source=f"--set {assignment}")
+        _check_path(key.split("."), source=f"--set {_clip(assignment)}")
         apply_override(data, assignment)
         source = "config with --set overrides"
     return config_from_dict(data, source)
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file, read with a bound (a config is small; a path to /dev/zero
+    or a large binary file must not fill the memory)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB, so not a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text, so not a config file") from None
 
 
 def _merge(base: dict, new: dict) -> dict:

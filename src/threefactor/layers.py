@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -12,17 +12,20 @@ from .neurons import (
     DecolleOutput,
     DecolleParams,
     DecolleState,
+    LIF_SURROGATES,
     LIFParams,
     LIFState,
+    LIFSurrogate,
     Surrogate,
     decolle_step,
     initial_decolle_state,
+    lif_psi,
     lif_step,
 )
 
 
 # A conv DecolleLayer with at least this many input channels keeps its input, traces and
-# membrane in plain NCHW on CPU; narrower ones use channels-last (see DecolleLayer._flat).
+# membrane in plain NCHW on CPU; narrower ones use channels-last (see DecolleLayer.format_input).
 WIDE_CONV_CHANNELS = 32
 
 
@@ -42,7 +45,9 @@ class DecolleLayer(nn.Module):
         self.pool = nn.MaxPool2d(pool) if pool > 1 else None
         self.surrogate = surrogate
 
-    def _flat(self, x: Tensor) -> Tensor:
+    def format_input(self, x: Tensor) -> Tensor:
+        """The layer's input as its synapse takes it: flattened for a dense layer, in the memory
+        layout chosen for a conv layer (the traces made from it keep that layout)."""
         if isinstance(self.synapse, nn.Linear):
             # A dense layer after a conv layer sees the flattened feature map.
             return x.flatten(1) if x.dim() > 2 else x
@@ -57,21 +62,32 @@ class DecolleLayer(nn.Module):
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of S for one sample (no batch) given one sample's input shape."""
+        return self._shapes(input_shape)[1]
+
+    def refractory_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the refractory trace R for one sample: the unpooled map when R is kept
+        before the pool (``params.refractory``), else the output's."""
+        synapse_shape, out_shape = self._shapes(input_shape)
+        return synapse_shape if self.params.refractory == "before_pool" else out_shape
+
+    def _shapes(self, input_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         with torch.no_grad():
             w = self.synapse.weight
-            x = self._flat(torch.zeros((1, *input_shape), device=w.device, dtype=w.dtype))
+            x = self.format_input(torch.zeros((1, *input_shape), device=w.device, dtype=w.dtype))
             u = self.synapse(x)
-            if self.pool is not None:
-                u = self.pool(u)
-        return tuple(u.shape[1:])
+            pooled = u if self.pool is None else self.pool(u)
+        return tuple(u.shape[1:]), tuple(pooled.shape[1:])
+
+    def initial_state(self, x: Tensor) -> DecolleState:
+        """All-zero state for a batch of input ``x`` as the synapse takes it (``format_input``)."""
+        return initial_decolle_state(x, (x.shape[0], *self.refractory_shape(tuple(x.shape[1:]))))
 
     def forward(
         self, x: Tensor, state: DecolleState | None = None
     ) -> tuple[DecolleOutput, DecolleState]:
-        x = self._flat(x)
+        x = self.format_input(x)
         if state is None:
-            out_shape = (x.shape[0], *self.output_shape(tuple(x.shape[1:])))
-            state = initial_decolle_state(x, out_shape)
+            state = self.initial_state(x)
         return decolle_step(x, state, self.params, self.synapse, self.pool, self.surrogate)
 
 
@@ -114,18 +130,19 @@ class ReadoutDropout(nn.Module):
         return f"p={self.p}"
 
 
-def _is_channels_last(s: Tensor) -> bool:
+def is_channels_last(s: Tensor) -> bool:
+    """Whether a 4-d ``s`` is laid out channels-last (and not also plain contiguous)."""
     return s.dim() == 4 and s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous()
 
 
 def flat_in_memory_order(s: Tensor) -> Tensor:
     """``s`` as (B, N) without copying: (C, H, W) order, or (H, W, C) for a channels-last map."""
-    return s.permute(0, 2, 3, 1).flatten(1) if _is_channels_last(s) else s.flatten(1)
+    return s.permute(0, 2, 3, 1).flatten(1) if is_channels_last(s) else s.flatten(1)
 
 
 def unflatten_like(flat: Tensor, s: Tensor) -> Tensor:
     """The inverse of ``flat_in_memory_order(s)``: ``flat`` (B, N) shaped and laid out like ``s``."""
-    if _is_channels_last(s):
+    if is_channels_last(s):
         b, c, hh, ww = s.shape
         return flat.view(b, hh, ww, c).permute(0, 3, 1, 2)
     return flat.view(s.shape)
@@ -155,6 +172,7 @@ class LocalReadout(nn.Module):
 
     g: Tensor
     h: Tensor
+    bias: Tensor | None
 
     def __init__(
         self,
@@ -163,6 +181,7 @@ class LocalReadout(nn.Module):
         scale: float = 0.5,
         feedback_alignment: bool = False,
         generator: torch.Generator | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         bound = scale / math.sqrt(in_features)
@@ -174,6 +193,10 @@ class LocalReadout(nn.Module):
             self.register_buffer("h", g * omega.clamp_min(0.0))
         else:
             self.register_buffer("h", g)
+        # The authors' readouts are nn.Linear layers whose bias is drawn like G and then frozen.
+        # It shifts Y but not dL/dS, so it changes the loss's operating point, not the rule.
+        b = (torch.rand(out_features, generator=generator) * 2 - 1) * bound if bias else None
+        self.register_buffer("bias", b)
         self._hwc_cache: tuple | None = None
 
     def matched(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,7 +207,7 @@ class LocalReadout(nn.Module):
         again before max-pooling's backward. G and H reordered to match are cached (they are
         fixed; the cache follows their device and any in-place change such as loading a state).
         """
-        if _is_channels_last(s):
+        if is_channels_last(s):
             c, hh, ww = s.shape[1:]
             key = (c, hh, ww, self.g.device, self.g.dtype, self.g._version, self.h._version,
                    self.g.data_ptr(), self.h.data_ptr())
@@ -196,16 +219,16 @@ class LocalReadout(nn.Module):
 
     def forward(self, s: Tensor) -> Tensor:
         s, g, h = self.matched(s)
-        if self.feedback_alignment:
-            return _FeedbackAlignedLinear.apply(s, g, h)
-        return s @ g.t()
+        y = _FeedbackAlignedLinear.apply(s, g, h) if self.feedback_alignment else s @ g.t()
+        return y if self.bias is None else y + self.bias
 
     def input_grad(self, grad_y: Tensor, s: Tensor) -> Tensor:
         """dL/dS for dL/dY ``grad_y`` (B, C): ``grad_y H``, shaped and laid out like ``s``."""
         return unflatten_like(grad_y @ self.matched(s)[2], s)
 
     def extra_repr(self) -> str:
-        return f"in={self.g.shape[1]}, out={self.g.shape[0]}, feedback_alignment={self.feedback_alignment}"
+        return (f"in={self.g.shape[1]}, out={self.g.shape[0]}, feedback_alignment={self.feedback_alignment}, "
+                f"bias={self.bias is not None}")
 
 
 # --- soft-reset LIF layers (S-TLLR, and BPTT on the same network) ------------------------
@@ -218,12 +241,15 @@ class LIFLayerOutput(NamedTuple):
 
 
 class LIFLayer(nn.Module):
-    """A synapse (``nn.Linear`` or ``nn.Conv2d``), soft-reset LIF neurons, optional max-pooling
-    of their spikes, and for dense layers an optional recurrent synapse (no bias).
+    """A synapse (``nn.Linear`` or ``nn.Conv2d``), LIF neurons (soft or hard reset), optional
+    max-pooling of their spikes, and for dense layers an optional recurrent synapse (no bias).
 
     I[t] = W x[t] + b (+ V s[t-1]);  u, s = lif_step(I, state);  out = maxpool(s).
     Unlike ``DecolleLayer`` the pooling acts on the *spikes*, after the neuron, so every neuron
     has one fixed receptive field and the S-TLLR eligibility of its synapses is well defined.
+
+    ``surrogate`` names the spike's derivative Psi (``lif_psi``); ``authors`` is the S-TLLR
+    authors' choice for the layer's kind: ``authors_linear`` for dense, ``authors_conv`` for conv.
     """
 
     def __init__(
@@ -231,7 +257,7 @@ class LIFLayer(nn.Module):
         synapse: nn.Linear | nn.Conv2d,
         params: LIFParams = LIFParams(),
         pool: int = 1,
-        surrogate: Surrogate = "boxcar",
+        surrogate: LIFSurrogate | Literal["authors"] = "boxcar",
         recurrent: nn.Linear | None = None,
     ) -> None:
         super().__init__()
@@ -241,7 +267,21 @@ class LIFLayer(nn.Module):
         self.recurrent = recurrent
         self.params = params
         self.pool = nn.MaxPool2d(pool) if pool > 1 else None
-        self.surrogate = surrogate
+        self.surrogate = self.psi_name(surrogate)
+
+    def psi_name(self, surrogate: str | None = None) -> LIFSurrogate:
+        """The Psi this layer uses for ``surrogate`` (default: its own), ``authors`` resolved
+        to the authors' function for the layer's kind."""
+        name = self.surrogate if surrogate is None else surrogate
+        if name == "authors":
+            return "authors_linear" if isinstance(self.synapse, nn.Linear) else "authors_conv"
+        if name not in LIF_SURROGATES:
+            raise ValueError(f"unknown surrogate {name!r}; valid: authors, {', '.join(LIF_SURROGATES)}")
+        return name
+
+    def psi(self, u: Tensor, surrogate: str | None = None) -> Tensor:
+        """Psi(u) of the layer's neurons at membrane ``u`` (``surrogate``: as in ``psi_name``)."""
+        return lif_psi(u, self.params.v_th, self.psi_name(surrogate))
 
     def format_input(self, x: Tensor) -> Tensor:
         """The layer's input as its synapse takes it (flattened for dense, channels-last for conv)."""
@@ -272,13 +312,17 @@ class LIFLayer(nn.Module):
             zeros = zeros.contiguous(memory_format=torch.channels_last)
         return LIFState(zeros, zeros.clone())
 
-    def forward(self, x: Tensor, state: LIFState | None = None) -> tuple[LIFLayerOutput, LIFState]:
+    def forward(
+        self, x: Tensor, state: LIFState | None = None, surrogate: str | None = None
+    ) -> tuple[LIFLayerOutput, LIFState]:
+        """One step; ``surrogate`` replaces the layer's own Psi for this call (S-TLLR sends its
+        learning signal across the layer through the rule's Psi)."""
         x = self.format_input(x)
         if state is None:
             state = self.initial_state(x)
         current = self.synapse(x)
         if self.recurrent is not None:
             current = current + self.recurrent(state.s)
-        out, state = lif_step(current, state, self.params, self.surrogate)
+        out, state = lif_step(current, state, self.params, self.psi_name(surrogate))
         s = self.pool(out.s) if self.pool is not None else out.s
         return LIFLayerOutput(s, out.u, out.s), state

@@ -89,7 +89,8 @@ def build_network(
             raise ValueError(f"network.layers.{i}: output shape {shape} is empty; reduce pooling")
         layers.append(layer)
         readouts.append(
-            LocalReadout(math.prod(shape), n_classes, cfg.readout_scale, cfg.feedback_alignment, gen)
+            LocalReadout(math.prod(shape), n_classes, cfg.readout_scale, cfg.feedback_alignment, gen,
+                         cfg.readout_bias)
         )
     return DecolleNetwork(layers, readouts, cfg.dropout)
 
@@ -113,7 +114,8 @@ def lsuv_init(
     max_iter: int = 50,
     skip_steps: int = 0,
 ) -> list[tuple[float, float]]:
-    """Data-driven init (layer-sequential unit variance, as in the authors' current code).
+    """Data-driven init (layer-sequential unit variance), after the authors' current code (docs/decolle.md
+    says where it differs).
 
     Weights start orthogonal; then, layer by layer, the weights are rescaled until Var(U) is
     within ``var_tol`` of 1 and the bias shifted until mean U is within ``mean_tol`` of
@@ -176,7 +178,7 @@ def build_lif_network(
     """``cfg``'s layer stack with soft-reset LIF neurons (``cfg.lif``), pooling on the spikes,
     and recurrent synapses on the dense layers that ask for them."""
     gen = torch.Generator().manual_seed(seed)
-    params = LIFParams(cfg.lif.gamma, cfg.lif.v_th)
+    params = LIFParams(cfg.lif.gamma, cfg.lif.v_th, cfg.lif.reset)
     layers, readouts = [], []
     shape = tuple(input_shape)
     for i, lc in enumerate(cfg.layers):
@@ -208,6 +210,7 @@ def build_lif_network(
             raise ValueError(f"network.layers.{i}: output shape {shape} is empty; reduce pooling")
         layers.append(layer)
         readouts.append(
-            LocalReadout(math.prod(shape), n_classes, cfg.readout_scale, cfg.feedback_alignment, gen)
+            LocalReadout(math.prod(shape), n_classes, cfg.readout_scale, cfg.feedback_alignment, gen,
+                         cfg.readout_bias)
         )
     return LIFNetwork(layers, readouts, cfg.dropout)

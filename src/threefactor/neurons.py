@@ -15,94 +15,105 @@ from torch import Tensor
 
 Surrogate = Literal["boxcar", "fast_sigmoid", "sigmoid"]
 Ordering = Literal["current", "lagged"]
-SURROGATES: tuple[str, ...] = ("boxcar", "fast_sigmoid", "sigmoid")
+Refractory = Literal["after_pool", "before_pool"]
 ORDERINGS: tuple[str, ...] = ("current", "lagged")
+REFRACTORY_PLACEMENTS: tuple[str, ...] = ("after_pool", "before_pool")
 
 
 # --- surrogate gradients -------------------------------------------------------------
-# Forward is always the Heaviside step Theta(u) = [u >= 0]; only the backward differs.
+# Forward is the Heaviside step; only the backward (sigma'(u)) depends on the surrogate.
 
 
-class _BoxcarSpike(torch.autograd.Function):
-    """sigma'(u) = 1 on [-0.5, 0.5]: the derivative of a piecewise-linear activation (paper)."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor) -> Tensor:
-        ctx.save_for_backward(u)
-        return (u >= 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (u,) = ctx.saved_tensors
-        return grad * (u.abs() <= 0.5).to(grad.dtype)
+def _boxcar(u: Tensor) -> Tensor:
+    """1 on [-0.5, 0.5]: the derivative of a piecewise-linear activation (the paper)."""
+    return (u.abs() <= 0.5).to(u.dtype)
 
 
-class _FastSigmoidSpike(torch.autograd.Function):
-    """sigma'(u) = 1 / (10|u| + 1)^2 (SuperSpike; the authors' current default)."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor) -> Tensor:
-        ctx.save_for_backward(u)
-        return (u >= 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (u,) = ctx.saved_tensors
-        return grad / (10.0 * u.abs() + 1.0) ** 2
+def _fast_sigmoid(u: Tensor) -> Tensor:
+    """1 / (10|u| + 1)^2 (SuperSpike; the authors' current default)."""
+    return 1.0 / (10.0 * u.abs() + 1.0) ** 2
 
 
-class _SigmoidSpike(torch.autograd.Function):
-    """sigma'(u) = s(u)(1 - s(u)) with the logistic s, slope 1."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor) -> Tensor:
-        ctx.save_for_backward(u)
-        return (u >= 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (u,) = ctx.saved_tensors
-        s = torch.sigmoid(u)
-        return grad * s * (1.0 - s)
+def _sigmoid(u: Tensor) -> Tensor:
+    """s(u)(1 - s(u)) with the logistic s, slope 1."""
+    s = torch.sigmoid(u)
+    return s * (1.0 - s)
 
 
-_SPIKE_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "boxcar": _BoxcarSpike.apply,
-    "fast_sigmoid": _FastSigmoidSpike.apply,
-    "sigmoid": _SigmoidSpike.apply,
+def _authors_linear(u: Tensor) -> Tensor:
+    """1 / (100|u| + 1)^2: the Psi of the S-TLLR authors' dense and recurrent layers (a fast
+    sigmoid ten times narrower)."""
+    return 1.0 / (100.0 * u.abs() + 1.0) ** 2
+
+
+def _authors_conv(u: Tensor) -> Tensor:
+    """0.3 max(0, 1 - |u|): the Psi of the S-TLLR authors' convolutional layers."""
+    return 0.3 * (1.0 - u.abs()).clamp(min=0.0)
+
+
+SURROGATE_DERIVATIVES: dict[str, Callable[[Tensor], Tensor]] = {
+    "boxcar": _boxcar,
+    "fast_sigmoid": _fast_sigmoid,
+    "sigmoid": _sigmoid,
+    "authors_linear": _authors_linear,
+    "authors_conv": _authors_conv,
 }
-
-
-def spike(u: Tensor, surrogate: Surrogate = "boxcar") -> Tensor:
-    """Theta(u): 1.0 where ``u >= 0``, with the chosen surrogate derivative for autograd."""
-    try:
-        fn = _SPIKE_FNS[surrogate]
-    except KeyError:
-        raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATES)}") from None
-    return fn(u)
+# The surrogates of DECOLLE networks; LIF networks (S-TLLR) also take the S-TLLR authors' two.
+SURROGATES: tuple[str, ...] = ("boxcar", "fast_sigmoid", "sigmoid")
 
 
 def surrogate_derivative(u: Tensor, surrogate: Surrogate = "boxcar") -> Tensor:
     """sigma'(u) in closed form (the post-synaptic factor of the three-factor rule)."""
-    if surrogate == "boxcar":
-        return (u.abs() <= 0.5).to(u.dtype)
-    if surrogate == "fast_sigmoid":
-        return 1.0 / (10.0 * u.abs() + 1.0) ** 2
-    if surrogate == "sigmoid":
-        s = torch.sigmoid(u)
-        return s * (1.0 - s)
-    raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATES)}")
+    try:
+        return SURROGATE_DERIVATIVES[surrogate](u)
+    except KeyError:
+        raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATE_DERIVATIVES)}") from None
+
+
+def fires(u: Tensor, spike_at_zero: bool = True) -> Tensor:
+    """Theta(u) without a gradient: 1.0 where ``u >= 0`` (or ``u > 0`` when not ``spike_at_zero``)."""
+    return (u >= 0 if spike_at_zero else u > 0).to(u.dtype)
+
+
+class _Spike(torch.autograd.Function):
+    """Theta(u) forward, the surrogate's sigma'(u) backward."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, surrogate: str, spike_at_zero: bool) -> Tensor:
+        ctx.save_for_backward(u)
+        ctx.surrogate = surrogate
+        return fires(u, spike_at_zero)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (u,) = ctx.saved_tensors
+        return grad * SURROGATE_DERIVATIVES[ctx.surrogate](u), None, None
+
+
+def spike(u: Tensor, surrogate: Surrogate = "boxcar", spike_at_zero: bool = True) -> Tensor:
+    """Theta(u) with the chosen surrogate derivative for autograd: 1.0 where ``u >= 0``, or
+    where ``u > 0`` when not ``spike_at_zero`` (the authors' fast-sigmoid neurons)."""
+    if surrogate not in SURROGATE_DERIVATIVES:
+        raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATE_DERIVATIVES)}")
+    return _Spike.apply(u, surrogate, spike_at_zero)
 
 
 # --- the DECOLLE neuron ----------------------------------------------------------------
 
 
 class DecolleParams(NamedTuple):
-    """Decays per time step. Defaults are those of the authors' code (dt = 1 ms).
+    """Decays per time step and the variant of the dynamics. Decays default to those of the
+    authors' code (dt = 1 ms).
 
     ``ordering="current"``: P[t+1] is driven by Q[t+1], so input spikes at step t reach U at
     step t; this maps exactly onto NIR's CubaLIF. ``"lagged"``: P is driven by the previous
     Q, as in the authors' released code (one extra step of delay).
+
+    ``refractory`` matters only for max-pooled layers. ``"before_pool"`` (the authors' code):
+    every neuron of the unpooled map has its own R, driven by its own spikes, and the layer
+    spikes on maxpool(W P + b - rho R). ``"after_pool"``: one R per pooled unit, driven by the
+    pooled spikes and subtracted after the pool. ``spike_at_zero``: whether U = 0 exactly is a
+    spike (the authors' fast-sigmoid neurons spike on U > 0 only).
     """
 
     alpha: float = 0.97  # membrane trace P, exp(-dt/tau_mem)
@@ -110,6 +121,8 @@ class DecolleParams(NamedTuple):
     gamma: float = 0.65  # refractory trace R, exp(-dt/tau_ref)
     rho: float = 1.0  # refractory strength
     ordering: Ordering = "current"
+    refractory: Refractory = "after_pool"
+    spike_at_zero: bool = True
 
     @classmethod
     def from_taus(
@@ -118,10 +131,9 @@ class DecolleParams(NamedTuple):
         tau_syn: float,
         tau_ref: float,
         dt: float = 1e-3,
-        rho: float = 1.0,
-        ordering: Ordering = "current",
+        **variant,
     ) -> "DecolleParams":
-        """Decays from time constants (same unit as ``dt``)."""
+        """Decays from time constants (same unit as ``dt``); ``variant`` sets the other fields."""
         for name, tau in (("tau_mem", tau_mem), ("tau_syn", tau_syn), ("tau_ref", tau_ref)):
             if not tau > 0:
                 raise ValueError(f"{name} must be > 0, got {tau}")
@@ -129,13 +141,13 @@ class DecolleParams(NamedTuple):
             alpha=math.exp(-dt / tau_mem),
             beta=math.exp(-dt / tau_syn),
             gamma=math.exp(-dt / tau_ref),
-            rho=rho,
-            ordering=ordering,
+            **variant,
         )
 
 
 class DecolleState(NamedTuple):
-    """P and Q have the shape of the layer's *input*; R the shape of its output."""
+    """P and Q have the shape of the layer's *input*; R the shape of its neurons (the pooled
+    output with ``refractory="after_pool"``, the unpooled map with ``"before_pool"``)."""
 
     p: Tensor
     q: Tensor
@@ -167,16 +179,23 @@ def decolle_step(
 ) -> tuple[DecolleOutput, DecolleState]:
     """One time step of a DECOLLE layer.
 
-    U = pool(W P + b) - rho R, S = Theta(U), R <- gamma R + (1 - gamma) S.
-    Max-pooling acts on the membrane before the spike, as in the authors' code, so the
-    surrogate gradient reaches only the winning position of each pool.
+    Without pooling: U = W P + b - rho R, S = Theta(U), R <- gamma R + (1 - gamma) S.
+    With max-pooling the membrane is pooled before the spike, so the surrogate gradient
+    reaches only the winning position of each pool; R enters before or after the pool as
+    ``params.refractory`` says (before: R follows each unpooled neuron's own spikes).
     """
     p, q = input_trace_step(x, state.p, state.q, params)
     u = synapse(p)
+    if pool is not None and params.refractory == "before_pool":
+        u_neurons = torch.sub(u, state.r, alpha=params.rho)
+        u = pool(u_neurons)
+        s = spike(u, surrogate, params.spike_at_zero)
+        r = torch.lerp(fires(u_neurons, params.spike_at_zero), state.r, params.gamma)
+        return DecolleOutput(s, u), DecolleState(p, q, r)
     if pool is not None:
         u = pool(u)
     u = torch.sub(u, state.r, alpha=params.rho)
-    s = spike(u, surrogate)
+    s = spike(u, surrogate, params.spike_at_zero)
     r = torch.lerp(s, state.r, params.gamma)  # gamma R + (1 - gamma) S
     return DecolleOutput(s, u), DecolleState(p, q, r)
 
@@ -205,36 +224,67 @@ def detach_state(state: DecolleState) -> DecolleState:
 # --- the soft-reset LIF neuron of S-TLLR ---------------------------------------------------
 # u[t] = gamma (u[t-1] - v_th y[t-1]) + I[t],  y[t] = Theta(u[t] - v_th)   (Apolinario & Roy)
 # where I[t] = W x[t] (+ b) (+ V y[t-1] for a recurrent layer) is computed by the layer.
+# The hard reset, u[t] = gamma u[t-1] (1 - y[t-1]) + I[t], is the authors' other option.
+
+Reset = Literal["soft", "hard"]
+RESETS: tuple[str, ...] = ("soft", "hard")
+# Psi, the derivative of the spike's surrogate: the surrogates above plus the two the S-TLLR
+# authors ship (their dense and recurrent layers use authors_linear, their conv layers authors_conv).
+LIFSurrogate = Literal["boxcar", "fast_sigmoid", "sigmoid", "authors_linear", "authors_conv"]
+LIF_SURROGATES: tuple[str, ...] = (*SURROGATES, "authors_linear", "authors_conv")
+
+
+def lif_psi(u: Tensor, v_th: float, surrogate: LIFSurrogate = "boxcar") -> Tensor:
+    """Psi(u) of LIF neurons with threshold ``v_th``: the surrogate's derivative at ``u - v_th``
+    (S-TLLR's secondary activation)."""
+    if surrogate not in LIF_SURROGATES:
+        raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(LIF_SURROGATES)}")
+    return surrogate_derivative(u - v_th, surrogate)
+
+
+def lif_spike(u: Tensor, v_th: float, surrogate: LIFSurrogate = "boxcar") -> Tensor:
+    """Theta(u - v_th): 1.0 where ``u > v_th`` (strictly, as the S-TLLR authors' layers spike),
+    with ``lif_psi`` as its derivative for autograd."""
+    if surrogate not in LIF_SURROGATES:
+        raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(LIF_SURROGATES)}")
+    return spike(u - v_th, surrogate, spike_at_zero=False)
 
 
 class LIFParams(NamedTuple):
-    """Leak per step ``gamma`` and firing threshold ``v_th`` of the soft-reset LIF neuron."""
+    """Leak per step ``gamma``, firing threshold ``v_th`` and reset of the LIF neuron."""
 
     gamma: float = 0.9
     v_th: float = 1.0
+    reset: Reset = "soft"  # soft: subtract v_th after a spike; hard: set u to 0
 
 
 class LIFState(NamedTuple):
-    """Membrane and spikes of the previous step (the spikes drive the soft reset)."""
+    """Membrane and spikes of the previous step (the spikes drive the reset)."""
 
     u: Tensor
     s: Tensor
 
 
 class LIFOutput(NamedTuple):
-    s: Tensor  # spikes Theta(u - v_th), with the surrogate derivative for autograd
-    u: Tensor  # membrane potential
+    s: Tensor  # spikes Theta(u - v_th), with Psi as their derivative for autograd
+    u: Tensor  # membrane potential (before the reset that the spikes trigger at the next step)
 
 
 def lif_step(
-    current: Tensor, state: LIFState, params: LIFParams, surrogate: Surrogate = "boxcar"
+    current: Tensor, state: LIFState, params: LIFParams, surrogate: LIFSurrogate = "boxcar"
 ) -> tuple[LIFOutput, LIFState]:
-    """One step of soft-reset LIF neurons driven by the synaptic ``current`` I[t].
+    """One step of LIF neurons driven by the synaptic ``current`` I[t].
 
-    u = gamma (u_prev - v_th s_prev) + I, s = Theta(u - v_th).
+    soft reset: u = gamma (u_prev - v_th s_prev) + I;  hard reset: u = gamma u_prev (1 - s_prev) + I;
+    s = Theta(u - v_th).
     """
-    u = params.gamma * (state.u - params.v_th * state.s) + current
-    s = spike(u - params.v_th, surrogate)
+    if params.reset == "soft":
+        u = params.gamma * (state.u - params.v_th * state.s) + current
+    elif params.reset == "hard":
+        u = params.gamma * (state.u * (1.0 - state.s)) + current
+    else:
+        raise ValueError(f"unknown reset {params.reset!r}; valid: {', '.join(RESETS)}")
+    s = lif_spike(u, params.v_th, surrogate)
     return LIFOutput(s, u), LIFState(u, s)
 
 

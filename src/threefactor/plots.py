@@ -11,21 +11,26 @@
 - ``input_events.png``: that test sample's events: per-polarity counts, events per ms and
   snapshots over time.
 
+Time axes are in ms: steps times the run's bin, ``data.dt_us``.
+
 ``plot_run(RUN_DIR)`` redraws them from a finished or running run (checkpoint + metrics.jsonl);
 it is what ``threefactor plot RUN_DIR`` calls.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .rundir import write_atomic
 
 PLOTS_DIR = "plots"
 PLOT_FILES = ("error_curves.png", "filters.png", "neuron_states.png", "input_events.png")
@@ -39,22 +44,28 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    """PNG written to a temporary name and renamed: a reader never sees half a picture."""
+    """PNG written to a uniquely named temporary file and renamed: a reader never sees half a
+    picture, and two writers (a run ending, ``threefactor plot``) never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_atomic(path, buf.getvalue())
     return path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (a run writing right now) is skipped."""
+    """Rows of a metrics.jsonl; a torn last line (a run writing right now) is skipped.
+
+    A path that is not a regular file (a link to a device, a pipe) is a ``ValueError``: it
+    could be read forever."""
     rows = []
     path = Path(path)
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file, so not a metrics file")
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -238,11 +249,13 @@ def record_states(network, x: Tensor, n_neurons: int = 3, n_inputs: int = 3) -> 
     return result
 
 
-def draw_state_axes(axes: Sequence, rec: dict, t0: float = 0.0, show_xlabel: bool = True) -> None:
-    """Four stacked axes: inputs' P (with their spikes), U, S and R of the recorded neurons."""
+def draw_state_axes(axes: Sequence, rec: dict, t0: float = 0.0, show_xlabel: bool = True,
+                    dt_ms: float = 1.0) -> None:
+    """Four stacked axes: inputs' P (with their spikes), U, S and R of the recorded neurons,
+    against time in ms (``t0`` ms at the first of the steps of ``dt_ms``)."""
     ax_p, ax_u, ax_s, ax_r = axes
     steps = rec["u"].shape[0]
-    t = t0 + np.arange(steps)
+    t = t0 + dt_ms * np.arange(steps)
     for k in range(rec["p"].shape[1]):
         colour = f"C{k + 5}"
         ax_p.plot(t, rec["p"][:, k], color=colour, lw=1.2, label=f"input {rec['input_units'][k]}")
@@ -276,19 +289,21 @@ def draw_state_axes(axes: Sequence, rec: dict, t0: float = 0.0, show_xlabel: boo
 
 
 def plot_neuron_states(
-    network, x: Tensor, label: int, classes: Sequence[str], path: str | Path, burn_in: int = 0
+    network, x: Tensor, label: int, classes: Sequence[str], path: str | Path, burn_in: int = 0,
+    dt_ms: float = 1.0,
 ) -> Path:
+    """Fig. 1 for one sample ``x`` (T, ...) whose steps are ``dt_ms`` long."""
     recs = record_states(network, x)
     n_layers = len(recs)
     fig = _figure(4.3 * n_layers + 0.5, 11)
     axes = np.array(fig.subplots(5, n_layers, sharex=True, squeeze=False))
     for i, rec in enumerate(recs):
         col = axes[:, i]
-        draw_state_axes(col[:4], rec, show_xlabel=False)
+        draw_state_axes(col[:4], rec, show_xlabel=False, dt_ms=dt_ms)
         col[0].set_title(f"layer {i + 1}")
         ax = col[4]
         y = rec["y"]
-        t = np.arange(len(y))
+        t = dt_ms * np.arange(len(y))
         for c in range(y.shape[1]):
             if c != label:
                 ax.plot(t, y[:, c], color="0.7", lw=0.8)
@@ -297,7 +312,7 @@ def plot_neuron_states(
         ax.plot(t, np.zeros_like(t, dtype=float), ":", color="0.4", lw=1.0, label="target 0 (others, grey)")
         if burn_in:
             for a in col:
-                a.axvspan(0, burn_in, color="0.92", zorder=0)
+                a.axvspan(0, burn_in * dt_ms, color="0.92", zorder=0)
         ax.set(ylabel="readout Y", xlabel="time (ms)")
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, loc="upper left")
@@ -310,14 +325,15 @@ def plot_neuron_states(
 
 
 def plot_input_events(frames: Tensor, label: int, classes: Sequence[str], path: str | Path,
-                      n_snapshots: int = 6) -> Path:
-    """One sample's count frames (T, P, H, W): per-polarity sums, rate over time, snapshots.
+                      n_snapshots: int = 6, dt_ms: float = 1.0) -> Path:
+    """One sample's count frames (T, P, H, W) of bins of ``dt_ms``: per-polarity sums, rate
+    over time, snapshots.
 
     Inputs that are not images (e.g. SHD's 700 channels) are drawn as a raster instead.
     """
     f = frames.float().cpu().numpy()
     if f.ndim != 4 or min(f.shape[2:]) == 1:
-        return _plot_input_raster(f.reshape(f.shape[0], -1), label, classes, path)
+        return _plot_input_raster(f.reshape(f.shape[0], -1), label, classes, path, dt_ms)
     steps, channels = f.shape[0], f.shape[1]
     names = _channel_names(channels)
     fig = _figure(3.0 * max(n_snapshots, channels + 2) * 0.75, 6.8)
@@ -330,10 +346,10 @@ def plot_input_events(frames: Tensor, label: int, classes: Sequence[str], path: 
         axes[c].set_axis_off()
         top.colorbar(im, ax=axes[c], shrink=0.75)
     ax = axes[-1]
-    t = np.arange(steps)
+    t = dt_ms * np.arange(steps)
     colours = ["tab:blue", "tab:red"] if channels == 2 else [f"C{c}" for c in range(channels)]
     for c in range(channels):
-        ax.plot(t, f[:, c].sum((1, 2)), color=colours[c], label=names[c])
+        ax.plot(t, f[:, c].sum((1, 2)) / dt_ms, color=colours[c], label=names[c])
     ax.set(xlabel="time (ms)", ylabel="events per ms", title="events over time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -349,25 +365,28 @@ def plot_input_events(frames: Tensor, label: int, classes: Sequence[str], path: 
             ax.imshow(np.clip(rgb, 0.0, 1.0), interpolation="nearest")
         else:
             ax.imshow(window.sum(0), cmap="gray_r", interpolation="nearest")
-        ax.set_title(f"{a}-{b} ms", fontsize=9)
+        ax.set_title(f"{a * dt_ms:g}-{b * dt_ms:g} ms", fontsize=9)
         ax.set_axis_off()
     bottom.suptitle("snapshots (red: ON, blue: OFF)" if channels == 2 else "snapshots", fontsize=10)
-    fig.suptitle(f"an input sample: class {classes[label]!r}, {steps} steps of 1 ms")
+    fig.suptitle(f"an input sample: class {classes[label]!r}, {steps} steps of {dt_ms:g} ms")
     return _save(fig, path)
 
 
-def _plot_input_raster(f: np.ndarray, label: int, classes: Sequence[str], path: str | Path) -> Path:
+def _plot_input_raster(f: np.ndarray, label: int, classes: Sequence[str], path: str | Path,
+                       dt_ms: float = 1.0) -> Path:
     """(T, N) counts of a non-image input: channels over time, and events per ms."""
     fig = _figure(11, 6)
     ax_r, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     t, ch = np.nonzero(f > 0)
+    t = dt_ms * t
     ax_r.plot(t, ch, ",", color="k") if len(t) > 5000 else ax_r.plot(t, ch, "|", color="k", ms=3)
     ax_r.set(ylabel="input channel", ylim=(-0.5, f.shape[1] - 0.5))
-    ax_n.plot(np.arange(f.shape[0]), f.sum(1), color="tab:blue")
-    ax_n.set(xlabel="time step", ylabel="events per step")
+    ax_n.plot(dt_ms * np.arange(f.shape[0]), f.sum(1) / dt_ms, color="tab:blue")
+    ax_n.set(xlabel="time (ms)", ylabel="events per ms")
     for ax in (ax_r, ax_n):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"an input sample: class {classes[label]!r}, {int(f.sum())} events in {f.shape[0]} steps")
+    fig.suptitle(f"an input sample: class {classes[label]!r}, {int(f.sum())} events in "
+                 f"{f.shape[0]} steps of {dt_ms:g} ms")
     return _save(fig, path)
 
 
@@ -383,7 +402,9 @@ def draw_run(
     classes: Sequence[str],
     rows: Sequence[dict] | None = None,
 ) -> list[Path]:
-    """All the plots of a run into ``run_dir/plots``; returns their paths."""
+    """All the plots of a run into ``run_dir/plots``; returns their paths. Time axes are in ms,
+    with the run's own bins (``data.dt_us``)."""
+    dt_ms = cfg.data.dt_us / 1000.0
     run_dir = Path(run_dir)
     out = run_dir / PLOTS_DIR
     if rows is None:
@@ -391,8 +412,9 @@ def draw_run(
     paths = [
         plot_error_curves(rows, out / "error_curves.png", title=run_dir.name),
         plot_filters(network, tuple(frames.shape[1:]), out / "filters.png"),
-        plot_neuron_states(network, frames, label, classes, out / "neuron_states.png", cfg.rule.burn_in),
-        plot_input_events(frames, label, classes, out / "input_events.png"),
+        plot_neuron_states(network, frames, label, classes, out / "neuron_states.png", cfg.rule.burn_in,
+                           dt_ms),
+        plot_input_events(frames, label, classes, out / "input_events.png", dt_ms=dt_ms),
     ]
     return paths
 
@@ -401,6 +423,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """Redraw the plots of a finished or running run from its checkpoint and metrics.jsonl."""
     from .train import RunError, load_checkpoint, load_split
 
+    from .data.splits import SplitLayout
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: not a run directory")
@@ -408,9 +432,26 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         import matplotlib  # noqa: F401
     except ImportError:
         raise RunError("plotting needs matplotlib (pip install matplotlib)") from None
+    out = run_dir / PLOTS_DIR
+    try:  # before the slow part: a directory we cannot write fails now, in one sentence
+        out.mkdir(exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise RunError(f"cannot write the plots into {out}: {err.strerror}") from None
     network, cfg, payload = load_checkpoint(run_dir)
     network.eval()
-    test = load_split(cfg, "test")
+    try:
+        rows = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, ValueError) as err:
+        raise RunError(f"cannot read the metrics of {run_dir}: {getattr(err, 'strerror', None) or err}") from None
+    layout = None
+    if payload.get("sensor_size") is not None:  # the training split's, as the run saw it
+        layout = SplitLayout(tuple(payload["classes"]), tuple(payload["sensor_size"]),
+                             "recorded in the run's checkpoint")
+    test = load_split(cfg, "test", layout)
     if list(test.input_shape) != list(payload["input_shape"]):
         raise RunError(f"{run_dir}: the data its config makes no longer fits the checkpoint")
-    return draw_run(run_dir, network, cfg, test.frames[0], int(test.labels[0]), test.classes)
+    try:
+        return draw_run(run_dir, network, cfg, test.frames[0], int(test.labels[0]), test.classes, rows)
+    except OSError as err:
+        raise RunError(f"cannot write the plots into {out}: {err.strerror or err}") from None

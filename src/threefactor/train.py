@@ -4,7 +4,11 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (
 epoch, split and layer), ``checkpoint.pt`` (everything needed to continue the run exactly),
 ``summary.json`` at the end, ``tensorboard/`` event files and ``plots/`` PNGs.
 
-Checkpoints are written atomically (temporary file, then rename) at the end of every epoch and
+A run holds an exclusive lock on its directory for its whole life (``threefactor.rundir``): a
+second run into it is refused before it writes anything. A new run that fails before its first
+checkpoint (missing data, no CUDA, a network that does not fit the data) removes what it wrote.
+
+Checkpoints are written atomically (uniquely named temporary file, then rename) at the end of every epoch and
 every ``train.checkpoint_every`` batches. Each holds the weights, the optimiser and LR-schedule
 state, every random-number generator the run uses, the position in the data order (epoch,
 batch and the epoch's permutation), the running per-epoch sums and how many bytes of
@@ -13,6 +17,10 @@ killed run and ends with the same weights, bit for bit (on the same device and s
 the same metrics rows. The sha256 of the file's bytes is sealed into its last bytes and checked
 before loading, which never unpickles anything but tensors and plain data
 (``torch.load(weights_only=True)``): an altered or truncated checkpoint is refused.
+
+Divergence stops a run before its weights are checkpointed: a loss or weight that is NaN or
+Inf, or a layer's loss or weight norm beyond ``train.divergence_factor`` times its running value
+(see ``DivergenceGuard``); the last good checkpoint is kept.
 
 Under ``torchrun`` with more than one process (see ``threefactor.distributed``), every process
 takes a contiguous share of each batch (``train.batch_size`` is the batch of all processes
@@ -29,7 +37,7 @@ import json
 import os
 import pickle
 import random
-import tempfile
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,24 +50,24 @@ from tqdm import tqdm
 from . import distributed
 from .allocator import retain_freed_memory
 from .config import Config, config_from_dict, dump_config, to_dict
-from .data.splits import FrameData
+from .data.splits import FrameData, SplitLayout
 from .data.splits import load_split as _load_split
+from .data.splits import load_splits as _load_splits
 from .distributed import DistInfo
 from .network import DecolleNetwork, build_network, lsuv_init
 from .optim import Adamax
 from .rules.decolle import DecolleRule, SequenceResult, predict_sequence
 from .rules import make_rule
+from .rundir import CHECKPOINT_NAME, METRICS_NAME, RunDirectory, RunDirectoryError, write_atomic
 
 CHECKPOINT_FORMAT = "threefactor-checkpoint"
 CHECKPOINT_VERSION = 2
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 
 # Settings that may differ between a run's checkpoint and its config.yaml on --resume: they
 # change how long the run goes on or what it writes, not what it computes.
 RESUMABLE_CHANGES = (
     "device", "train.epochs", "train.progress", "train.checkpoint_every", "train.eval_every",
-    "train.tensorboard", "train.plots", "train.eval_batch_size",
+    "train.tensorboard", "train.plots", "train.eval_batch_size", "train.divergence_factor",
 )
 
 # Test hook: "K:PATH" makes the trainer create PATH and sleep just before it would checkpoint
@@ -84,16 +92,25 @@ def resolve_device(name: str) -> torch.device:
         raise RunError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-def load_split(cfg: Config, split: str) -> FrameData:
-    """One split ("train" or "test") of the run's dataset, as count frames."""
+def load_split(cfg: Config, split: str, layout: SplitLayout | None = None) -> FrameData:
+    """One split ("train" or "test") of the run's dataset, as count frames; ``layout`` (classes
+    and sensor) is the training split's, e.g. from a checkpoint, when known."""
     try:
-        return _load_split(cfg.data, split, cfg.train.progress)
+        return _load_split(cfg.data, split, cfg.train.progress, layout)
     except (OSError, ValueError, MemoryError) as err:  # missing or unreadable files, bad sizes
         raise RunError(str(err)) from None
 
 
 def load_data(cfg: Config) -> tuple[FrameData, FrameData]:
-    return load_split(cfg, "train"), load_split(cfg, "test")
+    """Both splits, with the training split's classes and sensor, checked against each other."""
+    try:
+        train_data, test_data = _load_splits(cfg.data, cfg.train.progress)
+    except (OSError, ValueError, MemoryError) as err:
+        raise RunError(str(err)) from None
+    if train_data.input_shape != test_data.input_shape:  # the layout makes this a bug, not a user's error
+        raise RunError(f"the test frames have shape {list(test_data.input_shape)}, the training frames "
+                       f"{list(train_data.input_shape)}")
+    return train_data, test_data
 
 
 def make_optimizer(cfg: Config, network: DecolleNetwork) -> torch.optim.Optimizer:
@@ -229,20 +246,11 @@ def _seal_ok(data: bytes) -> bool | None:
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
-    """torch.save, sealed with its sha256, to a temporary file; fsync, then rename over ``path``."""
+    """torch.save, sealed with its sha256, to a uniquely named temporary file; fsync, then
+    rename over ``path`` (the temporary file is removed if anything fails)."""
     buf = io.BytesIO()
     torch.save(payload, buf)
-    data = _seal(buf.getvalue())
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, _seal(buf.getvalue()), fsync=True)
 
 
 def save_checkpoint(
@@ -267,6 +275,7 @@ def save_checkpoint(
         "config": dump_config(cfg),
         "input_shape": list(data.input_shape),
         "classes": list(data.classes),
+        "sensor_size": _sensor_list(data),
         "epoch": epoch,
         "model": network.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -274,6 +283,12 @@ def save_checkpoint(
         "progress": progress,
     }
     _write_atomic(Path(path), payload)
+
+
+def _sensor_list(data) -> list[int] | None:
+    """The (W, H, P) sensor the data was checked against, when it says (a FrameData does)."""
+    sensor = getattr(data, "sensor_size", None)
+    return None if sensor is None else [int(v) for v in sensor]
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -285,12 +300,27 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def _checkpoint_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise RunError(f"{path}: no checkpoint there")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise RunError(f"{path}: no checkpoint there") from None
+    except OSError as err:
+        raise RunError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        # A device (a link to /dev/zero) or a pipe would be read forever.
+        raise RunError(f"{path}: refused, it is {_file_kind(mode)}, not a checkpoint file")
     try:
         return path.read_bytes()
     except OSError as err:
         raise RunError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _parse_checkpoint(path: Path, data: bytes, map_location: str | torch.device = "cpu") -> dict:
@@ -463,6 +493,74 @@ def _stall_hook(batches_total: int) -> None:
         time.sleep(600)
 
 
+class DivergenceGuard:
+    """Divergence that is still finite: a layer's loss or weight norm far above its running value.
+
+    For every layer the guard keeps the running value of its batch loss and of its weight norm
+    (the 2-norm of all its parameters): their mean over the good batches so far (the weight norm
+    counting the initial weights as one), exponential over the last ``RUNNING_BATCHES`` once
+    there are more. A batch has diverged when a value exceeds ``factor`` times the larger of
+    its running value and ``FLOOR`` (so that a loss near zero may still vary): with the default
+    ``train.divergence_factor`` of 1000, three orders of magnitude, which learning does not do
+    in a few batches and a too-large learning rate does in one. ``factor`` 0 turns it off.
+    """
+
+    RUNNING_BATCHES = 50
+    FLOOR = 1.0
+
+    def __init__(self, factor: float, network: DecolleNetwork, state: dict | None = None) -> None:
+        self.factor = factor
+        if isinstance(state, dict) and state.get("norm") is not None:
+            self.loss, self.norm, self.count = state.get("loss"), list(state["norm"]), int(state["count"])
+        else:
+            self.loss, self.norm, self.count = None, self.norms(network), 0
+
+    @staticmethod
+    def norms(network: DecolleNetwork) -> list[float]:
+        """The 2-norm of each layer's parameters (in float64: float32 squares overflow early)."""
+        with torch.no_grad():
+            sums = []
+            for layer in network.layers:
+                squares = [p.detach().double().pow(2).sum() for p in layer.parameters()]
+                sums.append(torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64))
+            return torch.stack(sums).sqrt().tolist()
+
+    def _limit(self, running: float) -> float:
+        return self.factor * max(running, self.FLOOR)
+
+    def weight_problem(self, norms: list[float]) -> str | None:
+        if not self.factor:
+            return None
+        for i, (value, running) in enumerate(zip(norms, self.norm)):
+            if value > self._limit(running):
+                return (f"the weight norm of layer {i + 1} grew to {value:.3g}, over {self.factor:g} "
+                        f"times its running value {running:.3g}")
+        return None
+
+    def loss_problem(self, losses: list[float]) -> str | None:
+        if not self.factor or self.loss is None:
+            return None
+        for i, (value, running) in enumerate(zip(losses, self.loss)):
+            if value > self._limit(running):
+                return (f"the loss of layer {i + 1} grew to {value:.3g}, over {self.factor:g} times "
+                        f"its running value {running:.3g}")
+        return None
+
+    def accept(self, losses: list[float], norms: list[float]) -> None:
+        """A good batch: its values join the running ones."""
+        self.count += 1
+        rate = 1.0 / min(self.count + 1, self.RUNNING_BATCHES)
+        self.norm = [r + (v - r) * rate for r, v in zip(self.norm, norms)]
+        if self.loss is None:
+            self.loss = list(losses)
+        else:
+            rate = 1.0 / min(self.count, self.RUNNING_BATCHES)
+            self.loss = [r + (v - r) * rate for r, v in zip(self.loss, losses)]
+
+    def state(self) -> dict:
+        return {"loss": self.loss, "norm": self.norm, "count": self.count}
+
+
 def _check_finite(losses: torch.Tensor, network: DecolleNetwork) -> str | None:
     """What went non-finite, or None."""
     problems = []
@@ -503,41 +601,27 @@ def train(
         raise RunError(str(err)) from None
     if info.enabled:
         return _train_together(cfg, out, log, resume)
-    metrics_file = _open_run_dir(cfg, out, resume)
-    closers: list[Callable[[], None]] = [metrics_file.close]
+    device = resolve_device(cfg.device)  # before the directory is touched: a bad device writes nothing
+    run_dir = _open_run_dir(cfg, out, resume, log)
+    closers: list[Callable[[], None]] = [run_dir.close]
     try:
-        device = resolve_device(cfg.device)
-        payload = _resume_payload(cfg, out) if resume else None
-        return _run(cfg, out, device, payload, metrics_file, log, closers)
+        payload = None if run_dir.fresh else _resume_payload(cfg, out)
+        return _run(cfg, out, device, payload, run_dir, log, closers)
     finally:
         for close in reversed(closers):
             close()
 
 
-def _open_run_dir(cfg: Config, out: Path, resume: bool):
-    """The run directory checked (and, for a new run, created): its metrics file, open."""
-    ckpt_path = out / CHECKPOINT_NAME
-    metrics_path = out / METRICS_NAME
-    if resume:
-        if not ckpt_path.exists():
-            raise RunError(f"{out}: nothing to resume, there is no {CHECKPOINT_NAME} there")
-        try:
-            probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-")
-            probe.close()
-            return open(metrics_path, "r+b" if metrics_path.exists() else "w+b")
-        except OSError as err:
-            raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
-    if ckpt_path.exists():
-        raise RunError(
-            f"{out} already holds a run ({CHECKPOINT_NAME}); continue it with --resume {out} "
-            "or choose another --out"
-        )
+def _open_run_dir(cfg: Config, out: Path, resume: bool, log: Callable[[str], None] | None = None) -> RunDirectory:
+    """The run directory, locked for this run and checked (for a new run, created)."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-        return open(metrics_path, "wb")
-    except OSError as err:
-        raise RunError(f"cannot write the run directory {out}: {err.strerror}") from None
+        run_dir = RunDirectory.open(out, dump_config(cfg), resume)
+    except RunDirectoryError as err:
+        raise RunError(str(err)) from None
+    if resume and run_dir.fresh and log is not None:
+        log(f"{out} has no checkpoint yet (its run stopped before the first one): starting it "
+            "from its config.yaml")
+    return run_dir
 
 
 def _resume_payload(cfg: Config, out: Path, data: bytes | None = None) -> dict:
@@ -552,6 +636,18 @@ def _resume_payload(cfg: Config, out: Path, data: bytes | None = None) -> dict:
     if not isinstance(payload.get("progress"), dict):
         raise RunError(f"{ckpt_path}: the checkpoint holds no training progress to resume from")
     return payload
+
+
+def _build_network(cfg: Config, input_shape: tuple[int, ...], n_classes: int) -> DecolleNetwork:
+    try:
+        return build_network(cfg.network, tuple(input_shape), n_classes, cfg.seed)
+    except ValueError as err:
+        raise RunError(f"cannot build the network for inputs of shape {list(input_shape)}: {err}") from None
+
+
+def _short_list(items) -> str:
+    items = list(items or [])
+    return repr(items) if len(items) <= 12 else repr(items[:12])[:-1] + ", ...]"
 
 
 def _silent(message: str) -> None:
@@ -597,18 +693,18 @@ def _train_together(cfg: Config, out: Path, log, resume: bool) -> dict:
             log = _silent
         # Process 0 alone checks and writes the run directory and reads the checkpoint; the
         # others get the checkpoint's bytes from it (no shared file system is needed for that).
-        metrics_file = _together(info, lambda: _open_run_dir(cfg, out, resume) if info.is_main
-                                 else io.BytesIO())
-        closers.append(metrics_file.close)
+        run_dir = _together(info, lambda: _open_run_dir(cfg, out, resume, log) if info.is_main
+                            else RunDirectory.detached())
+        closers.append(run_dir.close)
         payload = None
-        if resume:
+        if not distributed.broadcast_object(run_dir.fresh):
             data = _together(info, lambda: _checkpoint_bytes(out / CHECKPOINT_NAME) if info.is_main else None)
             payload = _together(info, lambda: _resume_payload(cfg, out, data) if info.is_main else None)
             data = distributed.broadcast_object(data)
             if not info.is_main:
                 payload = _parse_checkpoint(out / CHECKPOINT_NAME, data)
             del data
-        summary = _run(cfg, out, device, payload, metrics_file, log, closers, info)
+        summary = _run(cfg, out, device, payload, run_dir, log, closers, info)
         distributed.wait_for_all()
         return summary
     finally:
@@ -616,31 +712,44 @@ def _train_together(cfg: Config, out: Path, log, resume: bool) -> dict:
             close()
 
 
-def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, metrics_file, log,
-         closers: list, info: DistInfo = distributed.SINGLE) -> dict:
+def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, run_dir: RunDirectory,
+         log, closers: list, info: DistInfo = distributed.SINGLE) -> dict:
     from .tensorboard import open_tensorboard
 
     ckpt_path = out / CHECKPOINT_NAME
+    metrics_file = run_dir.metrics
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     if info.enabled:
         train_data, test_data = _load_data_in_turn(cfg, info)
     else:
         train_data, test_data = load_data(cfg)
+    sensor = ""
+    if train_data.sensor_size is not None:
+        w, h, p = train_data.sensor_size
+        origin = f" ({train_data.sensor_origin})" if train_data.sensor_origin else ""
+        sensor = f" from a {w} x {h} x {p} sensor{origin}"
     log(
         f"data: {len(train_data.labels)} train / {len(test_data.labels)} test samples of shape "
-        f"{tuple(train_data.frames.shape[1:])}, {len(train_data.classes)} classes "
+        f"{tuple(train_data.frames.shape[1:])}{sensor}, {len(train_data.classes)} classes "
         f"({time.perf_counter() - t_start:.1f} s); device: {device}"
     )
+    for note in [*train_data.warnings, *test_data.warnings]:
+        log(f"warning: {note}")
 
-    try:
-        network = build_network(cfg.network, train_data.input_shape, len(train_data.classes), cfg.seed)
-    except ValueError as err:
-        raise RunError(f"cannot build the network: {err}") from None
+    network = _build_network(cfg, train_data.input_shape, len(train_data.classes))
     if payload is not None:
         if list(payload.get("input_shape", [])) != list(train_data.input_shape):
             raise RunError(f"{ckpt_path}: written for input shape {payload.get('input_shape')}, "
                            f"but the data now has {list(train_data.input_shape)}")
+        if list(payload.get("classes", [])) != list(train_data.classes):
+            raise RunError(f"{ckpt_path}: written for the classes {_short_list(payload.get('classes'))}, "
+                           f"but the data now has {_short_list(train_data.classes)}")
+        saved_sensor = payload.get("sensor_size")
+        if saved_sensor is not None and train_data.sensor_size is not None \
+                and list(saved_sensor) != list(train_data.sensor_size):
+            raise RunError(f"{ckpt_path}: written for a {' x '.join(map(str, saved_sensor))} sensor, but "
+                           f"the data now has {' x '.join(map(str, train_data.sensor_size))}")
         try:
             network.load_state_dict(payload["model"])
         except RuntimeError:
@@ -704,6 +813,8 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
     closers.append(tb.close)
     meter = SpikeMeter(network)
     closers.append(meter.close)
+    guard = DivergenceGuard(cfg.train.divergence_factor, network,
+                            payload["progress"].get("divergence") if payload is not None else None)
 
     def record(epoch: int, split: str, accs, losses, rates, stats: dict | None = None) -> None:
         for i, (a, l, r) in enumerate(zip(accs, losses, rates)):
@@ -738,6 +849,7 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
         st.metrics_bytes = metrics_file.tell()
         st.elapsed_s = now_s()
         progress = st.to_payload(gen, device)
+        progress["divergence"] = guard.state()
         if rank_rng is not None:
             progress["rank_rng"] = rank_rng
         save_checkpoint(ckpt_path, network, optimizer, cfg, st.epoch_done, train_data,
@@ -757,6 +869,7 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
 
     if payload is None:
         checkpoint()  # the initial state: a resume point and a last good checkpoint from the start
+    run_dir.started()  # from here on the run's files are kept, whatever happens
 
     epochs = cfg.train.epochs
     if payload is not None and st.epoch_done >= epochs and st.perm is None:
@@ -789,6 +902,8 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
             bad_u = meter.take_nonfinite()
             membranes = (f"the membrane potential of layer {', '.join(map(str, bad_u))} became NaN or Inf"
                          if bad_u else None)
+            norms = guard.norms(network)
+            blown_up = guard.weight_problem(norms)
             if info.enabled:
                 if sync.steps == steps_before:  # the processes would drift apart unnoticed
                     raise _everywhere(info, RunError(
@@ -796,18 +911,25 @@ def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, met
                         "optimizer.step(), whose hooks keep the processes in step, so it cannot "
                         "train on several processes"
                     ))
-                batch = _global_batch(res, y, rates, int(sync.weight), network, membranes is not None)
+                batch = _global_batch(res, y, rates, int(sync.weight), network,
+                                      membranes is not None or blown_up is not None)
             else:
                 batch = _Batch((res.votes.argmax(2) == y[None]).sum(1).cpu(), res.loss.cpu() * len(idx),
                                torch.tensor(rates, dtype=torch.float64) * len(idx), res.loss)
-            problem = _check_finite(batch.loss, network) or membranes or batch.elsewhere
+            losses = batch.loss.tolist()
+            problem = _check_finite(batch.loss, network) or membranes
+            finite_growth = None if problem else (blown_up or guard.loss_problem(losses))
+            problem = problem or finite_growth or batch.elsewhere
             if problem is not None:
                 bar.close()
+                hint = (f", or raise train.divergence_factor (now {cfg.train.divergence_factor:g}) if "
+                        "such growth is intended" if finite_growth else "")
                 raise _everywhere(info, RunError(
                     f"the run diverged in epoch {epoch}, batch {b + 1}: {problem}; it was stopped and "
                     f"the last good checkpoint ({describe_checkpoint()}) is kept in {ckpt_path}; "
-                    "lower optim.lr"
+                    f"lower optim.lr (now {cfg.optim.lr:g}){hint}"
                 ))
+            guard.accept(losses, norms)
             st.correct += batch.correct
             st.loss_sum += batch.loss_sum
             st.rate_sum += batch.rate_sum
@@ -891,6 +1013,7 @@ def _global_batch(res: SequenceResult, y: torch.Tensor, rates: list[float], weig
     """The batch's figures summed over the processes (one all-reduce): ``weight`` is this
     process's number of samples (0: it ran a stand-in sample that must not count)."""
     n_layers = len(network.layers)
+    # bad_membranes: this process found a problem of its own (NaN or blown-up values)
     bad_weights = bad_membranes or not all(bool(torch.isfinite(p).all()) for p in network.parameters())
     local = torch.zeros(3 * n_layers + 2, dtype=torch.float64)
     if weight:
@@ -904,7 +1027,8 @@ def _global_batch(res: SequenceResult, y: torch.Tensor, rates: list[float], weig
     loss_sum = total[n_layers:2 * n_layers].float()
     elsewhere = None
     if total[-1] > 0 and not bad_weights:
-        elsewhere = "the weights or membrane potentials of another process hold NaN or Inf"
+        elsewhere = ("the weights or membrane potentials of another process hold NaN or Inf or "
+                     "grew by orders of magnitude")
     return _Batch(total[:n_layers].float(), loss_sum, total[2 * n_layers:3 * n_layers],
                   (total[n_layers:2 * n_layers] / n).float(), elsewhere)
 

@@ -25,3 +25,15 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class DownloadError(OSError):
     """A download that failed or whose checksum does not match."""
+
+
+class UnknownClassError(ValueError):
+    """A sample whose class is not in the class list a dataset was given (e.g. a test split's
+    class that its training split lacks)."""
+
+    def __init__(self, root, label: str, path, classes) -> None:
+        self.root, self.label, self.path, self.classes = os.fspath(root), label, os.fspath(path), tuple(classes)
+        shown = ", ".join(map(repr, self.classes[:20])) + (", ..." if len(self.classes) > 20 else "")
+        super().__init__(
+            f"{self.root}: class {label!r} (of {self.path}) is not one of the {len(self.classes)} "
+            f"classes it was given ({shown})")

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import EventDataset, not_found
-from .errors import DataFileError, EventFileError
+from .base import EventDataset, check_outside_sensor, not_found
+from .errors import DataFileError, EventFileError, UnknownClassError
 from .gesture import cut, read_aedat, read_npy_events, read_segments_csv
 from .nmnist import read_bin
 
@@ -69,9 +69,12 @@ class EventFolder(EventDataset):
     """Samples from a folder of your recordings; ``dataset[i] -> (transform(events), label)``.
 
     ``classes`` fixes the class order (use the same list for a train and a test folder so the
-    indices agree); by default it is the sorted label names (numerically, if all are numbers).
-    ``sensor_size`` (W, H, P) defaults to what the recordings span (read once, here).
-    ``npy_columns`` / ``npy_time_scale_us`` describe plain (N, 4) ``.npy`` arrays.
+    indices agree; a label not in it is an ``UnknownClassError``); by default it is the sorted
+    label names (numerically, if all are numbers). ``sensor_size`` (W, H, P) defaults to what
+    the recordings span (read once, here; ``sensor_inferred_from`` then names the event that set
+    the width and height); pass the training folder's to a test folder. Every event is checked
+    against it when read (see ``outside_sensor``). ``labels.csv`` may name only files inside
+    ``root``. ``npy_columns`` / ``npy_time_scale_us`` describe plain (N, 4) ``.npy`` arrays.
     """
 
     def __init__(
@@ -83,12 +86,14 @@ class EventFolder(EventDataset):
         target_transform=None,
         npy_columns: str = "xytp",
         npy_time_scale_us: float = 1.0,
+        outside_sensor: str = "error",
     ) -> None:
         self.root = Path(root)
         self.transform = transform
         self.target_transform = target_transform
         self.npy_columns = npy_columns
         self.npy_time_scale_us = npy_time_scale_us
+        self.outside_sensor = check_outside_sensor(outside_sensor)
         self._last: tuple[Path, np.ndarray] | None = None
         if not self.root.is_dir():
             raise not_found("event folder", self.root, "pass the folder that holds your recordings")
@@ -101,18 +106,26 @@ class EventFolder(EventDataset):
         names = [s[1] for s in samples]
         self.classes = tuple(classes) if classes is not None else tuple(_class_order(names))
         index = {c: k for k, c in enumerate(self.classes)}
-        unknown = sorted(set(names) - set(index))
-        if unknown:
-            raise ValueError(f"labels {unknown} of {self.root} are not in classes {list(self.classes)}")
+        for path, name, _, _ in samples:
+            if name not in index:
+                raise UnknownClassError(self.root, name, path, self.classes)
         self.samples = samples
         self.targets = np.asarray([index[n] for n in names], dtype=np.int64)
-        self.sensor_size = tuple(sensor_size) if sensor_size is not None else self._infer_sensor()
+        self.sensor_inferred_from: str | None = None
+        if sensor_size is not None:
+            self.sensor_size = tuple(int(v) for v in sensor_size)
+        else:
+            self.sensor_size, self.sensor_inferred_from = self._infer_sensor()
 
     def _scan(self) -> list[tuple[Path, str, int | None, int | None]]:
         listing = self.root / LABELS_FILE
         if listing.is_file():
             out = []
-            for name, label in _read_labels_file(listing):
+            for n, (name, label) in enumerate(_read_labels_file(listing), 1):
+                if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+                    raise DataFileError(
+                        listing, f"row {n} names {name[:80]!r}, which is not inside {self.root}; "
+                        "list files by their path relative to the folder")
                 path = self.root / name
                 if not path.is_file():
                     raise not_found(f"{name} (listed in {listing})", path, "fix the file name or add the file")
@@ -133,13 +146,22 @@ class EventFolder(EventDataset):
                     f"or list every file in {listing}")
         return out
 
-    def _infer_sensor(self) -> tuple[int, int, int]:
+    def _infer_sensor(self) -> tuple[tuple[int, int, int], str]:
+        """The smallest (W, H, 2) sensor that holds every event, and which events set W and H."""
         w = h = 0
+        w_from = h_from = "no event"
         for i in range(len(self)):
             ev = self.events(i)
             if len(ev):
-                w, h = max(w, int(ev["x"].max()) + 1), max(h, int(ev["y"].max()) + 1)
-        return (w, h, 2)
+                x, y = int(ev["x"].max()), int(ev["y"].max())
+                if x + 1 > w:
+                    w, w_from = x + 1, f"x = {x} in {self.samples[i][0]}"
+                if y + 1 > h:
+                    h, h_from = y + 1, f"y = {y} in {self.samples[i][0]}"
+        if not w:
+            raise ValueError(f"{self.root}: all {len(self)} of its recordings are empty (no events), "
+                             "so there is nothing to learn from and no sensor size to infer")
+        return (w, h, 2), f"the largest {w_from} and {h_from}"
 
     def events(self, i: int) -> np.ndarray:
         path, _, start, end = self.samples[i]

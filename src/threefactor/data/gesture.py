@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .base import EventDataset, check_split, not_found, sorted_files
+from .base import EventDataset, check_outside_sensor, check_split, not_found, sorted_files
 from .download import Resource, download_and_extract
 from .errors import DataFileError, EventFileError
 from .events import EVENT_DTYPE, make_events
@@ -347,6 +347,7 @@ class DVSGesture(EventDataset):
         download: bool = False,
         layout: str = "auto",
         target_transform=None,
+        outside_sensor: str = "error",
     ) -> None:
         if layout not in ("auto", "npy", "aedat"):
             raise ValueError(f"layout must be 'auto', 'npy' or 'aedat', got {layout!r}")
@@ -354,6 +355,7 @@ class DVSGesture(EventDataset):
         self.split = check_split(split)
         self.transform = transform
         self.target_transform = target_transform
+        self.outside_sensor = check_outside_sensor(outside_sensor)
         self._last: tuple[Path, np.ndarray] | None = None
         samples: list[tuple[Path, int, int | None, int | None]] = []
         if layout in ("auto", "npy"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EventDataset, check_split, not_found, sorted_files
+from .base import EventDataset, check_outside_sensor, check_split, not_found, sorted_files
 from .download import Resource, download_and_extract
 from .errors import EventFileError
 from .events import EVENT_DTYPE
@@ -109,7 +109,8 @@ def write_bin(path: str | os.PathLike, events: np.ndarray) -> None:
 class NMNIST(EventDataset):
     """N-MNIST from ``root/Train/<digit>/<id>.bin`` and ``root/Test/...``, as the archives unpack.
 
-    ``dataset[i] -> (transform(events), label)``; with no transform, the raw events.
+    ``dataset[i] -> (transform(events), label)``; with no transform, the raw events. The format
+    holds x and y up to 255: an event off the 34 x 34 sensor is refused (``outside_sensor``).
     """
 
     classes = CLASSES
@@ -135,11 +136,13 @@ class NMNIST(EventDataset):
         download: bool = False,
         first_saccade_only: bool = False,
         target_transform=None,
+        outside_sensor: str = "error",
     ) -> None:
         self.root = Path(root)
         self.split = check_split(split)
         self.transform = transform
         self.target_transform = target_transform
+        self.outside_sensor = check_outside_sensor(outside_sensor)
         self.first_saccade_only = first_saccade_only
         folder = self.root / self.folders[split]
         files, labels = self._scan(folder)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import EventDataset, check_split, not_found
+from .base import EventDataset, check_outside_sensor, check_split, not_found
 from .download import Resource, download_and_extract
 from .errors import EventFileError
 from .events import EVENT_DTYPE
@@ -34,6 +34,17 @@ def _h5py():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("reading SHD needs h5py: pip install 'threefactor[data]'") from exc
     return h5py
+
+
+def _element_kind(h5py, dtype: np.dtype) -> str | None:
+    """What a spikes dataset's elements are when they are not numbers ('strings'), else None."""
+    base = h5py.check_vlen_dtype(dtype) or dtype
+    if h5py.check_string_dtype(dtype) is not None or base in (str, bytes) or (
+            isinstance(base, np.dtype) and base.kind in "SUa"):
+        return "strings"
+    if not isinstance(base, np.dtype) or base.kind not in "iuf":
+        return f"values of type {base}"
+    return None
 
 
 def _to_events(times, units, path, index: int) -> np.ndarray:
@@ -77,6 +88,12 @@ class SHDFile:
                 if name not in f or not isinstance(f[name], h5py.Dataset):
                     raise EventFileError(self.path, f"it has no '{name}' dataset, so it is not an SHD file")
             self._times, self._units = f["spikes/times"], f["spikes/units"]
+            for name, dataset in (("spikes/times", self._times), ("spikes/units", self._units)):
+                kind = _element_kind(h5py, dataset.dtype)
+                if kind is not None:
+                    raise EventFileError(
+                        self.path, f"its '{name}' hold {kind}, not numbers (spike times in seconds, "
+                        "unit indices)")
             labels = np.asarray(f["labels"][()])
             if labels.ndim != 1 or labels.dtype.kind not in "iu":
                 raise EventFileError(self.path, "its 'labels' are not a list of integers")
@@ -153,6 +170,7 @@ def write_shd(
 class SHD(EventDataset):
     """SHD from ``root/shd_train.h5`` or ``root/shd_test.h5``; 20 classes, sensor (700, 1, 1).
 
+    Labels are checked against the classes (``extra/keys`` when the file has them) on opening.
     The file is opened lazily in each process (so DataLoader workers each get their own handle).
     """
 
@@ -174,11 +192,13 @@ class SHD(EventDataset):
         transform=None,
         download: bool = False,
         target_transform=None,
+        outside_sensor: str = "error",
     ) -> None:
         self.root = Path(root)
         self.split = check_split(split)
         self.transform = transform
         self.target_transform = target_transform
+        self.outside_sensor = check_outside_sensor(outside_sensor)
         self.path = self.root / self.filenames[split]
         if not self.path.is_file() and download:
             download_and_extract(self.resources[split], self.root)
@@ -190,6 +210,12 @@ class SHD(EventDataset):
             self.targets = f.labels
             if f.keys is not None and len(f.keys) > 0:
                 self.classes = f.keys
+        if len(self.targets) and self.targets.max() >= len(self.classes):
+            i = int(np.argmax(self.targets >= len(self.classes)))
+            where = "its extra/keys name" if f.keys else "SHD has"
+            raise EventFileError(
+                self.path, f"sample {i} has label {int(self.targets[i])}, but {where} only "
+                f"{len(self.classes)} classes (labels 0..{len(self.classes) - 1})")
         self._file: SHDFile | None = None
         self._pid: int | None = None
 

@@ -2,34 +2,77 @@
 
 Every dataset goes through the same path: events -> transforms -> (T, P, H, W) count frames,
 held as one compact uint8 tensor per split (counts above 255 in one bin are clipped).
+
+Every split of a dataset shares one ``SplitLayout``, taken from the training split (or
+declared in the config): its class list, so that a class index means the same class in every
+split, and its sensor size, which every event of every split is checked against as it is read.
+What the reading found that a user should know (empty recordings, dropped events, test samples
+that are also training samples) comes back in ``FrameData.warnings``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .transforms import CenterCrop, Compose, Downsample, RandomTimeSlice, TimeWindow, ToFrame
+from .errors import UnknownClassError
+from .events import describe_sensor
+from .transforms import CenterCrop, Compose, Crop, Downsample, RandomTimeSlice, TimeWindow, ToFrame
 
 if TYPE_CHECKING:
     from ..config import DataConfig
 
 # Above this the frames of a split would not sit comfortably in memory: say so up front.
 MAX_IN_MEMORY_BYTES = 8 * 2**30
+# Binning one sample makes a count per (time bin, polarity, pixel), as int64 and float32: above
+# this many, a sensor size or a number of time steps is surely a mistake, not a plan.
+MAX_SAMPLE_VALUES = 2**27
+
+# An inferred sensor wider or taller than this is a stray coordinate, not a camera: the largest
+# event cameras are about 1280 x 960 pixels (a larger sensor can be declared).
+MAX_INFERRED_SIDE = 4096
+
+# The sensors of the datasets whose sensor is fixed; a folder's is declared or inferred.
+KNOWN_SENSORS: dict[str, tuple[int, int, int]] = {
+    "nmnist": (34, 34, 2), "simulated_nmnist": (34, 34, 2), "dvsgesture": (128, 128, 2),
+    "shd": (700, 1, 1),
+}
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """What every split of a dataset shares: the class list and the sensor size (W, H, P),
+    from the training split or declared."""
+
+    classes: tuple[str, ...]
+    sensor_size: tuple[int, int, int]
+    sensor_origin: str = ""  # '' (the dataset's own), 'declared in ...' or 'inferred from ...'
 
 
 @dataclass
 class FrameData:
-    """One split: ``frames`` (N, T, P, H, W) uint8 counts, ``labels`` (N,), class names."""
+    """One split: ``frames`` (N, T, P, H, W) uint8 counts, ``labels`` (N,), class names.
+
+    ``sensor_size`` is the (W, H, P) sensor the events were checked against (``sensor_origin``
+    says where it came from: the dataset, the config, or the training split's events); ``sources`` names
+    each sample's recording (file and part); ``warnings`` are sentences worth reporting.
+    """
 
     frames: "torch.Tensor | LazyFrames"
     labels: torch.Tensor
     classes: tuple[str, ...]
+    sensor_size: tuple[int, int, int] | None = None
+    sensor_origin: str = ""
+    sources: tuple = ()
+    empty_recordings: int = 0
+    dropped_events: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -66,18 +109,80 @@ class LazyFrames:
         return out
 
 
+def _source_id(dataset, i: int) -> Any:
+    """A hashable name of sample ``i``'s recording: its real path and the part of it."""
+    if not hasattr(dataset, "source"):
+        return None
+    path, part = dataset.source(i)
+    return (os.path.realpath(path), repr(sorted(part.items())) if isinstance(part, dict) else repr(part))
+
+
+def _read_sample(dataset, i: int) -> tuple[Any, int, int, int]:
+    """(transformed sample, label, events kept, events dropped); events -1 when not known."""
+    if hasattr(dataset, "checked_events"):
+        events, dropped = dataset.checked_events(i)
+        x = dataset.transform(events) if dataset.transform is not None else events
+        return x, int(dataset.targets[i]), len(events), dropped
+    x, y = dataset[i]
+    return x, int(y), -1, 0
+
+
+class _Tally:
+    """Empty recordings and dropped events of a split, and the sentences that report them."""
+
+    def __init__(self, desc: str, n: int) -> None:
+        self.desc, self.n = desc, n
+        self.empty = self.dropped = self.dropping = 0
+        self.first_empty = None
+
+    def add(self, dataset, i: int, n_events: int, dropped: int) -> None:
+        if n_events == 0:
+            self.empty += 1
+            if self.first_empty is None:
+                self.first_empty = dataset.source(i)[0] if hasattr(dataset, "source") else f"sample {i}"
+        if dropped:
+            self.dropped += dropped
+            self.dropping += 1
+
+    def finish(self, sensor_size) -> list[str]:
+        if self.n and self.empty == self.n:
+            raise ValueError(
+                f"all {self.n} {self.desc} recordings are empty (no events{' on the sensor' if self.dropped else ''}), "
+                f"e.g. {self.first_empty}: there is nothing to learn from")
+        notes = []
+        if self.empty:
+            notes.append(f"{self.empty} of the {self.n} {self.desc} recordings have no events (the first: "
+                         f"{self.first_empty}); they are kept as all-zero inputs")
+        if self.dropped:
+            notes.append(f"dropped {self.dropped} events outside the {describe_sensor(sensor_size)} "
+                         f"from {self.dropping} of the {self.n} {self.desc} recordings (data.outside_sensor: drop)")
+        return notes
+
+
 def stack_frames(
     dataset, indices: np.ndarray, classes, desc: str, progress: bool = True,
     cache_dir: str | Path | None = None,
 ) -> FrameData:
     """Transform the samples ``indices`` of ``dataset`` into one FrameData (with a progress bar).
 
+    Events are checked against the dataset's sensor as they are read (``checked_events``);
+    recordings without events are counted, and a split of nothing else is a ``ValueError``.
     A split too large for memory is kept lazily instead, its frames made per batch and cached
-    in ``cache_dir`` (when the transform is deterministic, i.e. cacheable).
+    in ``cache_dir`` (when the transform is deterministic, i.e. cacheable); its recordings are
+    still all read (and checked) once, here.
     """
-    first = np.asarray(dataset[int(indices[0])][0]) if len(indices) else np.zeros((0,))
+    sensor = getattr(dataset, "sensor_size", None)
+    tally = _Tally(desc, len(indices))
+    sources = tuple(_source_id(dataset, int(i)) for i in indices)
+    first_sample = _read_sample(dataset, int(indices[0])) if len(indices) else (np.zeros((0,)), 0, -1, 0)
+    first = np.asarray(first_sample[0])
     nbytes = first.size * len(indices)
     if nbytes > MAX_IN_MEMORY_BYTES:
+        if hasattr(dataset, "checked_events"):
+            for i in indices:
+                events, dropped = dataset.checked_events(int(i))
+                tally.add(dataset, int(i), len(events), dropped)
+        warnings = tally.finish(sensor)
         if cache_dir is not None:
             from .cache import CachedDataset
 
@@ -86,15 +191,20 @@ def stack_frames(
             except TypeError:  # a random transform (a random time slice) cannot be cached
                 pass
         labels = torch.as_tensor(np.asarray(dataset.targets)[indices], dtype=torch.long)
-        return FrameData(LazyFrames(dataset, indices, first.shape), labels, tuple(classes))
+        return FrameData(LazyFrames(dataset, indices, first.shape), labels, tuple(classes), sensor_size=sensor,
+                         sources=sources, empty_recordings=tally.empty, dropped_events=tally.dropped,
+                         warnings=warnings)
     frames = torch.empty((len(indices), *first.shape), dtype=torch.uint8)
     labels = torch.empty(len(indices), dtype=torch.long)
     bar = tqdm(indices, desc=desc, unit="sample", disable=not progress or len(indices) < 200, leave=False)
     for k, i in enumerate(bar):
-        x, y = dataset[int(i)]
+        x, y, n_events, dropped = first_sample if k == 0 else _read_sample(dataset, int(i))
+        tally.add(dataset, int(i), n_events, dropped)
         frames[k] = torch.from_numpy(np.minimum(np.asarray(x), 255).astype(np.uint8))
-        labels[k] = int(y)
-    return FrameData(frames, labels, tuple(classes))
+        labels[k] = y
+    warnings = tally.finish(sensor)
+    return FrameData(frames, labels, tuple(classes), sensor_size=sensor, sources=sources,
+                     empty_recordings=tally.empty, dropped_events=tally.dropped, warnings=warnings)
 
 
 def _subset(n_available: int, n_wanted: int, seed: int) -> np.ndarray:
@@ -103,8 +213,44 @@ def _subset(n_available: int, n_wanted: int, seed: int) -> np.ndarray:
     return np.sort(order[: min(n_wanted, n_available)])
 
 
-def load_split(d: "DataConfig", split: str, progress: bool = True) -> FrameData:
-    """One split ("train" or "test") of the dataset a data config describes."""
+def frame_size(d: "DataConfig", sensor_size: tuple[int, int, int]) -> tuple[int, int]:
+    """(W, H) of the frames a sensor gives after ``data.downsample`` and ``data.crop``."""
+    if d.crop is not None:
+        return d.crop, d.crop
+    return sensor_size[0] // d.downsample, sensor_size[1] // d.downsample
+
+
+def geometry_problem(d: "DataConfig", sensor_size: tuple[int, int, int], sensor_name: str) -> str | None:
+    """Why the size settings of ``d`` do not fit ``sensor_size`` (the sensor of ``sensor_name``),
+    or None: downsampling and cropping must leave at least one pixel, and one sample's count
+    frames must stay below ``MAX_SAMPLE_VALUES``."""
+    width, height, n_pol = sensor_size
+    f = d.downsample
+    if width // f < 1 or height // f < 1:
+        return (f"'data.downsample' ({f}) is larger than the {width} x {height} sensor of {sensor_name}, "
+                "so no pixel would be left")
+    if d.crop is not None and (d.crop > width // f or d.crop > height // f):
+        after = f" after 'data.downsample' {f}" if f > 1 else ""
+        return (f"'data.crop' ({d.crop}) is larger than the {width // f} x {height // f} frames of "
+                f"{sensor_name}{after}")
+    w, h = frame_size(d, sensor_size)
+    steps = max(d.timesteps, d.test_timesteps or 0)
+    values = steps * n_pol * h * w
+    if values > MAX_SAMPLE_VALUES:
+        return (f"one sample's frames would hold {steps} x {n_pol} x {h} x {w} = {values:,} counts "
+                f"({values * 12 / 2**30:.0f} GiB to bin), from the {width} x {height} sensor of "
+                f"{sensor_name}; lower data.timesteps or crop or downsample the frames")
+    return None
+
+
+def load_split(
+    d: "DataConfig", split: str, progress: bool = True, layout: SplitLayout | None = None,
+) -> FrameData:
+    """One split ("train" or "test") of the dataset a data config describes.
+
+    ``layout`` is the training split's (``load_splits`` passes it on); without it, a test split
+    takes it from the training split's files (a folder's inferred sensor reads them all).
+    """
     n = d.n_train if split == "train" else d.n_test
     if d.dataset == "embedded":
         from .embedded import MotionDataset, MotionSpec
@@ -118,19 +264,80 @@ def load_split(d: "DataConfig", split: str, progress: bool = True) -> FrameData:
         return stack_frames(ds, np.arange(len(ds)), ds.classes, f"{split} frames", progress)
 
     steps = d.timesteps if split == "train" else (d.test_timesteps or d.timesteps)
-    ds, window = _file_dataset(d, split, steps)
+    if layout is None and split != "train":
+        layout = dataset_layout(d)
+    ds, window = _file_dataset(d, split, steps, layout)
+    if layout is None:
+        layout = _layout_of(d, ds)
+    problem = geometry_problem(d, ds.sensor_size, _sensor_name(d, layout))
+    if problem is not None:
+        raise ValueError(problem)
     to_frame = ToFrame(_frame_sensor(ds.sensor_size, d), d.dt_us, steps)
     ds.transform = Compose([*window, *_spatial(ds.sensor_size, d), to_frame])
     idx = _subset(len(ds), n, d.seed + (split == "test"))
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else None
-    return stack_frames(ds, idx, ds.classes, f"{d.dataset} {split}", progress, cache)
+    data = stack_frames(ds, idx, ds.classes, f"{d.dataset} {split}", progress, cache)
+    data.sensor_origin = layout.sensor_origin
+    return data
 
 
 def load_splits(d: "DataConfig", progress: bool = True) -> tuple[FrameData, FrameData]:
-    return load_split(d, "train", progress), load_split(d, "test", progress)
+    """Both splits with one layout (the training split's), and a warning on the test split when
+    some of its samples are training samples too (the same recording, or the same part of one)."""
+    train = load_split(d, "train", progress)
+    layout = None
+    if d.dataset != "embedded":
+        layout = SplitLayout(train.classes, train.sensor_size, train.sensor_origin)
+    test = load_split(d, "test", progress, layout)
+    shared = set(train.sources) & set(test.sources) - {None}
+    if shared:
+        n_shared = sum(s in shared for s in test.sources)
+        hint = ""
+        if d.dataset == "folder" and not (Path(d.root).expanduser() / "test").is_dir():
+            hint = f"; give {d.root} train/ and test/ subfolders to keep a test set apart"
+        test.warnings.append(
+            f"{n_shared} of the {len(test)} test samples are training samples too (the same "
+            f"recordings), so the test accuracy does not measure generalisation{hint}")
+    return train, test
 
 
-def _file_dataset(d: "DataConfig", split: str, steps: int):
+def dataset_layout(d: "DataConfig") -> SplitLayout:
+    """The class list and sensor of the dataset ``d`` describes, from its training split."""
+    ds, _ = _file_dataset(d, "train", d.timesteps, None)
+    return _layout_of(d, ds)
+
+
+def _layout_of(d: "DataConfig", train_ds) -> SplitLayout:
+    inferred = getattr(train_ds, "sensor_inferred_from", None)
+    if inferred:
+        origin = f"inferred from {inferred}"
+    else:
+        origin = "declared in data.sensor_size" if d.dataset == "folder" else ""
+    return SplitLayout(tuple(train_ds.classes), tuple(train_ds.sensor_size), origin)
+
+
+def _sensor_name(d: "DataConfig", layout: SplitLayout) -> str:
+    """The sensor's owner, for messages: 'nmnist', or a folder and where its size came from."""
+    if d.dataset != "folder":
+        return d.dataset
+    if d.sensor_size is None:
+        return f"{d.root} ({layout.sensor_origin}; declare data.sensor_size to fix it)"
+    return f"{d.root} (data.sensor_size)"
+
+
+def _folder_roots(d: "DataConfig") -> tuple[Path, Path]:
+    root = Path(d.root).expanduser()
+    train, test = root / "train", root / "test"
+    if train.is_dir() != test.is_dir():
+        have, lack = ("train", "test") if train.is_dir() else ("test", "train")
+        raise ValueError(f"{root} has a {have}/ folder but no {lack}/ folder: give it both, or "
+                         "neither (then both splits read all of it)")
+    return (train, test) if train.is_dir() else (root, root)
+
+
+def _file_dataset(d: "DataConfig", split: str, steps: int, layout: SplitLayout | None = None):
+    """The dataset of one split and its time window; a test split gets ``layout`` (the training
+    split's classes and sensor) and is checked against it."""
     if d.root is None:
         raise FileNotFoundError(f"data.dataset '{d.dataset}' needs data.root, the folder of its files")
     root = Path(d.root).expanduser()
@@ -138,7 +345,7 @@ def _file_dataset(d: "DataConfig", split: str, steps: int):
     if d.dataset == "nmnist":
         from .nmnist import NMNIST
 
-        ds = NMNIST(root, split, download=d.download)
+        ds = NMNIST(root, split, download=d.download, outside_sensor=d.outside_sensor)
     elif d.dataset == "simulated_nmnist":
         from .saccades import SimulatedNMNIST
 
@@ -146,17 +353,26 @@ def _file_dataset(d: "DataConfig", split: str, steps: int):
     elif d.dataset == "dvsgesture":
         from .gesture import DVSGesture
 
-        ds = DVSGesture(root, split, download=d.download)
+        ds = DVSGesture(root, split, download=d.download, outside_sensor=d.outside_sensor)
     elif d.dataset == "shd":
         from .shd import SHD
 
-        ds = SHD(root, split, download=d.download)
+        ds = SHD(root, split, download=d.download, outside_sensor=d.outside_sensor)
     elif d.dataset == "folder":
-        from .folder import EventFolder
-
-        ds = EventFolder(root / split if (root / split).is_dir() else root)
+        ds = _event_folder(d, split, layout)
     else:  # the config's Literal makes this unreachable
         raise ValueError(f"unknown dataset {d.dataset!r}")
+    if layout is not None and tuple(ds.classes) != tuple(layout.classes):
+        theirs, ours = tuple(ds.classes), tuple(layout.classes)
+        k = next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ValueError(
+            f"the {split} split of {root} names {len(theirs)} classes and the training split {len(ours)}, "
+            f"and they differ at class {k} ({theirs[k] if k < len(theirs) else 'none'!r} here, "
+            f"{ours[k] if k < len(ours) else 'none'!r} in training): a class index must mean the same "
+            "class in every split")
+    if layout is not None and tuple(ds.sensor_size) != tuple(layout.sensor_size):
+        raise ValueError(f"the {split} split of {root} has a {describe_sensor(ds.sensor_size)}, the "
+                         f"training split a {describe_sensor(layout.sensor_size)}")
     duration = steps * d.dt_us
     if split == "train" and d.random_slice:
         # Drawn once per run from the data seed (frames are built once and kept in memory).
@@ -166,9 +382,42 @@ def _file_dataset(d: "DataConfig", split: str, steps: int):
     return ds, window
 
 
+def _event_folder(d: "DataConfig", split: str, layout: SplitLayout | None):
+    from .folder import EventFolder
+
+    folder = _folder_roots(d)[split == "test"]
+    if layout is None:  # the training split: declared classes and sensor, or its own
+        try:
+            ds = EventFolder(folder, classes=d.classes, sensor_size=d.sensor_size,
+                             outside_sensor=d.outside_sensor)
+        except UnknownClassError as err:
+            raise ValueError(f"class {err.label!r} of {err.path} is not in data.classes "
+                             f"({', '.join(map(repr, err.classes))})") from None
+        if ds.sensor_inferred_from and max(ds.sensor_size[:2]) > MAX_INFERRED_SIDE:
+            w, h, _ = ds.sensor_size
+            raise ValueError(
+                f"the sensor of {folder} would be {w} x {h}, inferred from {ds.sensor_inferred_from}: "
+                f"larger than any event camera ({MAX_INFERRED_SIDE} pixels a side), so a stray "
+                "coordinate; fix that file, or declare data.sensor_size if the size is right")
+        return ds
+    try:
+        return EventFolder(folder, classes=layout.classes, sensor_size=layout.sensor_size,
+                           outside_sensor=d.outside_sensor)
+    except UnknownClassError as err:
+        shown = ", ".join(map(repr, err.classes[:20])) + (", ..." if len(err.classes) > 20 else "")
+        raise ValueError(
+            f"the {split} split has class {err.label!r} ({err.path}) that the training split "
+            f"{_folder_roots(d)[0]} lacks (its classes: {shown}); every class must have training "
+            "samples, or be listed in data.classes") from None
+
+
 def _spatial(sensor_size: tuple[int, ...], d: "DataConfig") -> list:
     steps: list = []
     if d.downsample > 1:
+        w, h = sensor_size[0] // d.downsample, sensor_size[1] // d.downsample
+        if (w * d.downsample, h * d.downsample) != tuple(sensor_size[:2]):
+            # The incomplete blocks at the right and bottom edges would fall outside the frames.
+            steps.append(Crop(0, 0, w * d.downsample, h * d.downsample))
         steps.append(Downsample(d.downsample))
     if d.crop is not None:
         w, h = sensor_size[0] // d.downsample, sensor_size[1] // d.downsample
@@ -177,8 +426,6 @@ def _spatial(sensor_size: tuple[int, ...], d: "DataConfig") -> list:
 
 
 def _frame_sensor(sensor_size: tuple[int, ...], d: "DataConfig") -> tuple[int, int, int]:
-    w, h, p = sensor_size
-    w, h = w // d.downsample, h // d.downsample
-    if d.crop is not None:
-        w, h = d.crop, d.crop
-    return (w, h, p)
+    w, h = frame_size(d, sensor_size)
+    return (w, h, sensor_size[2])
+

@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .events import describe_event, describe_sensor, first_outside_sensor
+
 
 def to_frame(
     events: np.ndarray, sensor_size: tuple[int, int, int], dt_us: int, n_bins: int | None = None
@@ -15,11 +17,16 @@ def to_frame(
 
     Bin k holds events with ``k * dt_us <= t < (k + 1) * dt_us``, counting from t = 0, so a
     recording's frames line up with its clock. With ``n_bins`` the output has exactly that many
-    bins (later events are dropped, missing bins are zero).
+    bins (later events are dropped, missing bins are zero). An event off the (W, H, P) sensor
+    is a ``ValueError`` naming it: counted, it would land in another pixel or time bin.
+    A sensor of one polarity channel counts both polarities in it.
     """
     width, height, n_pol = sensor_size
     if dt_us <= 0:
         raise ValueError(f"dt_us must be > 0, got {dt_us}")
+    bad = first_outside_sensor(events, sensor_size)
+    if bad is not None:
+        raise ValueError(f"{describe_event(events, bad)} lies outside the {describe_sensor(sensor_size)}")
     t = events["t"].astype(np.int64)
     if n_bins is None:
         n_bins = int(t.max() // dt_us) + 1 if len(t) else 0

@@ -1,17 +1,21 @@
 """Export of trained networks to other formats: NIR (see docs/nir.md)."""
 
+from .nir_check import check_nir, format_report, nirtorch_node_map
 from .nir_export import (
     DIALECTS,
     MODES,
     NIRApproximationWarning,
+    NIRDtWarning,
     NIRError,
     add_export_arguments,
     export_cli,
     export_nir,
     from_nir,
+    importer_problems,
 )
 
 __all__ = [
-    "DIALECTS", "MODES", "NIRApproximationWarning", "NIRError", "add_export_arguments",
-    "export_cli", "export_nir", "from_nir",
+    "DIALECTS", "MODES", "NIRApproximationWarning", "NIRDtWarning", "NIRError",
+    "add_export_arguments", "check_nir", "export_cli", "export_nir", "format_report", "from_nir",
+    "importer_problems", "nirtorch_node_map",
 ]

@@ -31,7 +31,7 @@ def make_rule(cfg, network, optimizer):
         return STLLRRule(
             network, optimizer, STLLRFactors(*s.factors), s.psi or cfg.network.surrogate,
             s.learning_signal, s.update, r.loss, r.burn_in, r.loss_layers,
-            feedback_scale=cfg.network.readout_scale, seed=cfg.seed,
+            feedback_scale=cfg.network.readout_scale, seed=cfg.seed, bias_update=s.bias_update,
         )
     if r.name == "bptt":
         return BPTTRule(network, optimizer, r.loss, r.reg1, r.reg2, r.burn_in, r.loss_layers)

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import DecolleLayer, flat_in_memory_order, keep_mask, unflatten_like
+from ..layers import DecolleLayer, flat_in_memory_order, is_channels_last, keep_mask, unflatten_like
 from ..network import DecolleNetwork, NetworkState
 from ..neurons import (
-    DecolleOutput, DecolleState, initial_decolle_state, input_trace_step, surrogate_derivative,
+    DecolleOutput, DecolleState, fires, input_trace_step, surrogate_derivative,
 )
 
 Loss = Literal["smooth_l1", "mse", "cross_entropy"]
@@ -177,8 +177,9 @@ class DecolleRule:
             # Made outside the compiled code: the dropout draws from the eager random stream
             # (inductor's own would differ), G and H matched to the spikes' memory order (their
             # cache is Python state). S has the layout of R, so these are what the eager math uses.
-            rands = [net.dropout.draw(st.r) for st in state]
-            matched = [r.matched(st.r)[1:] for r, st in zip(net.readouts, state)]
+            like_s = [_like_spikes(layer, st.r) for layer, st in zip(net.layers, state)]
+            rands = [net.dropout.draw(s) for s in like_s]
+            matched = [r.matched(s)[1:] for r, s in zip(net.readouts, like_s)]
             # x[:, t] has a batch stride that depends on T; a guard on it would recompile for
             # every sequence length
             x = x.clone(memory_format=torch.contiguous_format)
@@ -224,21 +225,23 @@ class DecolleRule:
         new_state, readouts, losses, spikes, membranes, grads = [], [], [], [], [], []
         for i, (layer, readout) in enumerate(zip(net.layers, net.readouts)):
             params, syn = layer.params, layer.synapse
-            x = layer._flat(x)
-            if state is None:
-                st = initial_decolle_state(x, (x.shape[0], *layer.output_shape(tuple(x.shape[1:]))))
-            else:
-                st = state[i]
+            x = layer.format_input(x)
+            st = layer.initial_state(x) if state is None else state[i]
             p, q = input_trace_step(x, st.p, st.q, params)
+            # as in decolle_step, operation for operation
             u_syn = syn(p)
+            r_before_pool = layer.pool is not None and params.refractory == "before_pool"
+            if r_before_pool:
+                u_syn = torch.sub(u_syn, st.r, alpha=params.rho)
             if layer.pool is not None:
                 k = layer.pool.kernel_size
                 u, where = F.max_pool2d_with_indices(u_syn, k, k)
             else:
                 u = u_syn
-            u = torch.sub(u, st.r, alpha=params.rho)  # as in decolle_step, operation for operation
-            s = (u >= 0).to(u.dtype)
-            r = torch.lerp(s, st.r, params.gamma)
+            if not r_before_pool:
+                u = torch.sub(u, st.r, alpha=params.rho)
+            s = fires(u, params.spike_at_zero)
+            r = torch.lerp(fires(u_syn, params.spike_at_zero) if r_before_pool else s, st.r, params.gamma)
             new_state.append(DecolleState(p, q, r))
             spikes.append(s)
             membranes.append(u)
@@ -247,6 +250,8 @@ class DecolleRule:
             keep = None if rand is None else keep_mask(rand, net.dropout.p)
             g, h = readout.matched(s)[1:] if matched[i] is None else matched[i]
             y = flat_in_memory_order(s if keep is None else s * keep) @ g.t()
+            if readout.bias is not None:
+                y = y + readout.bias
             readouts.append(y)
             loss = local_loss(y, labels, self.loss, target)
             losses.append(loss + regulariser(u, self.reg1, self.reg2) if self.reg1 or self.reg2 else loss)
@@ -271,6 +276,17 @@ class DecolleRule:
             grads.append((gw, gb))
             x = s
         return new_state, readouts, losses, spikes, membranes, grads
+
+
+def _like_spikes(layer: DecolleLayer, r: Tensor) -> Tensor:
+    """An uninitialised tensor with the shape and memory layout of the layer's spikes S, from
+    its refractory trace R (S has R's layout; R is unpooled when it is kept before the pool)."""
+    if layer.pool is None or layer.params.refractory != "before_pool":
+        return r
+    k = layer.pool.kernel_size
+    b, c, hh, ww = r.shape
+    fmt = torch.channels_last if is_channels_last(r) else torch.contiguous_format
+    return torch.empty((b, c, hh // k, ww // k), dtype=r.dtype, device=r.device, memory_format=fmt)
 
 
 def loss_grad(y: Tensor, target: Tensor, kind: Loss) -> Tensor:

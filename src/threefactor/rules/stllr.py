@@ -16,8 +16,11 @@ Only the two neuron-level traces are kept, never e_ij itself: the weight gradien
 
 i.e. the weight-gradient map of the synapse (matrix product for dense layers,
 ``torch.nn.grad.conv2d_weight`` for convolutions) applied to the traces, so memory does not
-depend on the number of steps T. Biases are synapses from a constant input 1; recurrent
-synapses (dense layers) have the layer's own spikes of the previous step as input.
+depend on the number of steps T. Recurrent synapses (dense layers) have the layer's own spikes
+of the previous step as input. The bias update is sum_b Psi(u) delta (``bias_update:
+psi_delta``, the authors' code), or that of a synapse from a constant input 1 with its own
+trace (``synapse``). Psi is also the spike's derivative through which a backpropagated learning
+signal crosses each layer, as in the authors' code.
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ from torch import Tensor, nn
 
 from ..layers import LIFLayer
 from ..network import LIFNetwork
-from ..neurons import SURROGATES, LIFState, Surrogate, detach_lif_state, surrogate_derivative
+from ..neurons import LIF_SURROGATES, LIFState, LIFSurrogate, detach_lif_state
 from .decolle import LOSSES, Loss, SequenceResult, local_loss, vote
 
 LearningSignal = Literal["backprop", "dfa", "local"]
 LEARNING_SIGNALS: tuple[str, ...] = ("backprop", "dfa", "local")
+PsiName = LIFSurrogate | Literal["authors"]
+PSIS: tuple[str, ...] = ("authors", *LIF_SURROGATES)
+BiasUpdate = Literal["psi_delta", "synapse"]
+BIAS_UPDATES: tuple[str, ...] = ("psi_delta", "synapse")
 
 
 class STLLRFactors(NamedTuple):
@@ -56,7 +63,7 @@ class Traces(NamedTuple):
     pre: Tensor  # trace of the layer's input x, one per input neuron (shape of x)
     post: Tensor  # trace of Psi(u), one per neuron (shape of u)
     pre_rec: Tensor | None  # trace of the recurrent input s[t-1] (recurrent layers only)
-    pre_bias: Tensor  # trace of the bias's constant input 1 (a scalar)
+    pre_bias: Tensor  # trace of the bias's constant input 1 (a scalar; bias_update synapse)
 
 
 # --- the pure pieces ---------------------------------------------------------------------
@@ -119,8 +126,12 @@ def eligibility_grad(
 class STLLRRule:
     """Runs sequences through a ``LIFNetwork`` and applies S-TLLR updates online.
 
+    ``psi``: the secondary activation Psi (``lif_psi``), also the spike's derivative when the
+    learning signal is backpropagated through the layers; ``authors`` is ``authors_linear`` on
+    dense layers and ``authors_conv`` on conv layers. ``bias_update``: ``psi_delta`` (db = sum
+    Psi delta) or ``synapse`` (the eligibility of a synapse from a constant input 1).
     ``learning_signal``: ``backprop`` carries dL/dy back through the layers at the same step
-    (surrogate gradients, no time); ``dfa`` sends the last readout's error e = dL/dY through a
+    (through Psi, no time); ``dfa`` sends the last readout's error e = dL/dY through a
     fixed random matrix to every hidden layer (delta_l = e B_l, plus the layer's own readout
     error when ``loss_layers`` is ``all``); ``local`` uses each layer's own readout error only
     (DECOLLE-style locality). ``loss_layers``: which readouts form the per-step loss.
@@ -133,7 +144,7 @@ class STLLRRule:
         network: LIFNetwork,
         optimizer: torch.optim.Optimizer,
         factors: STLLRFactors = VISION,
-        psi: Surrogate = "boxcar",
+        psi: PsiName = "authors",
         learning_signal: LearningSignal = "backprop",
         update: Literal["step", "sequence"] = "step",
         loss: Loss = "smooth_l1",
@@ -141,10 +152,12 @@ class STLLRRule:
         loss_layers: Literal["all", "last"] = "all",
         feedback_scale: float = 0.5,
         seed: int = 0,
+        bias_update: BiasUpdate = "psi_delta",
     ) -> None:
         if not isinstance(network, LIFNetwork):
             raise ValueError("the stllr rule needs a LIF network (network.neuron_model: lif)")
-        for name, value, valid in (("loss", loss, LOSSES), ("psi", psi, SURROGATES),
+        for name, value, valid in (("loss", loss, LOSSES), ("psi", psi, PSIS),
+                                   ("bias_update", bias_update, BIAS_UPDATES),
                                    ("learning_signal", learning_signal, LEARNING_SIGNALS),
                                    ("update", update, ("step", "sequence")),
                                    ("loss_layers", loss_layers, ("all", "last"))):
@@ -154,6 +167,7 @@ class STLLRRule:
         self.optimizer = optimizer
         self.factors = STLLRFactors(*factors)
         self.psi = psi
+        self.bias_update = bias_update
         self.learning_signal = learning_signal
         self.update = update
         self.loss = loss
@@ -175,7 +189,7 @@ class STLLRRule:
             if self.learning_signal != "backprop":
                 xin = xin.detach()
             st = states[i] if states[i] is not None else layer.initial_state(xin)
-            out, new = layer(xin, st)
+            out, new = layer(xin, st, self.psi)
             inputs.append(xin.detach())
             outs.append(out)
             new_states.append((st, new))
@@ -237,7 +251,7 @@ class STLLRRule:
                 for i, layer in enumerate(net.layers):
                     xin, (st_prev, st_new) = inputs[i], new_states[i]
                     u = st_new.u.detach()
-                    psi = surrogate_derivative(u - layer.params.v_th, self.psi)
+                    psi = layer.psi(u, self.psi)
                     tr = traces[i]
                     if tr is None:
                         tr = Traces(torch.zeros_like(xin), torch.zeros_like(u),
@@ -291,8 +305,11 @@ class STLLRRule:
         grads[syn.weight] = eligibility_grad(syn, d, xin, psi, pre, post_prev, f)
         if syn.bias is not None:
             dims = [0] + list(range(2, d.dim()))
-            gb = f.alpha_pre * pre_bias * (d * psi).sum(dims) + f.alpha_post * (d * post_prev).sum(dims)
-            grads[syn.bias] = gb
+            if self.bias_update == "psi_delta":
+                grads[syn.bias] = (d * psi).sum(dims)
+            else:
+                grads[syn.bias] = (f.alpha_pre * pre_bias * (d * psi).sum(dims)
+                                   + f.alpha_post * (d * post_prev).sum(dims))
         if layer.recurrent is not None:
             grads[layer.recurrent.weight] = eligibility_grad(
                 layer.recurrent, d, s_prev, psi, pre_rec, post_prev, f
