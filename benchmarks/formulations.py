@@ -2,13 +2,14 @@
 
     python -m benchmarks.formulations [--configs default nmnist-small] [--seeds 0 1 2]
         [--formulations after_pool authors current_before_pool] [--jobs 2] [--threads 1]
-        [--set key=value ...] [--out DIR]
+        [--set key=value ...] [--out DIR] [--reuse]
 
 A formulation is a set of ``network.*`` overrides (FORMULATIONS below); ``authors`` is the
 authors' code's (tests/test_decolle_public.py shows that it computes what theirs does). Every
 (config, formulation, seed) is one ``threefactor train`` in its own process, ``--jobs`` at a
 time with ``--threads`` threads each. Writes DIR/formulations.json, DIR/formulations.md and
-DIR/formulations.png (last-layer test accuracy per run) and prints the table.
+DIR/formulations.png (last-layer test accuracy per run) and prints the table; ``--reuse``
+reads the runs already finished in DIR/runs (e.g. to add a formulation or a seed).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ FORMULATIONS: dict[str, list[str]] = {
 
 def run_one(config: str, formulation: str, seed: int, args) -> dict:
     out = Path(args.out) / "runs" / f"{config}-{formulation}-seed{seed}"
+    summary = out / "summary.json"
+    if args.reuse and summary.exists():  # a finished run of an earlier invocation
+        data = json.loads(summary.read_text())
+        print(f"{config:>14} {formulation:>20} seed {seed}: reused {out}", flush=True)
+        return {"config": config, "formulation": formulation, "seed": seed, "returncode": 0,
+                "seconds": round(data.get("wall_time_s", 0.0), 1),
+                "test_accuracy": list(data["test_accuracy"].values()), "reused": True}
     cmd = [sys.executable, "-m", "threefactor", "train", "--out", str(out), "--seed", str(seed),
            "--set", "train.progress=false", "--set", "train.plots=false", "--set", "train.tensorboard=false"]
     if config != "default":
@@ -50,7 +58,6 @@ def run_one(config: str, formulation: str, seed: int, args) -> dict:
     seconds = time.perf_counter() - start
     row = {"config": config, "formulation": formulation, "seed": seed, "seconds": round(seconds, 1),
            "returncode": proc.returncode}
-    summary = out / "summary.json"
     if proc.returncode == 0 and summary.exists():
         row["test_accuracy"] = list(json.loads(summary.read_text())["test_accuracy"].values())
     else:
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra override for every run")
     ap.add_argument("--out", default="benchmarks/results/formulations")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the runs already finished in OUT/runs instead of training them again")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

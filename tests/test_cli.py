@@ -184,3 +184,12 @@ def test_checkpoint_loads_with_weights_only_and_reproduces_the_test_results(tiny
     # a directory works as well as the file
     again, _, _ = load_checkpoint(out)
     assert all(torch.equal(again.state_dict()[k], state[k]) for k in state)
+
+
+def test_version_names_the_package_and_torch(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"threefactor {version('threefactor')} (torch {version('torch')})"

@@ -18,7 +18,7 @@ from threefactor.config import LayerConfig, NetworkConfig, NeuronConfig
 from threefactor.layers import LocalReadout
 from threefactor.network import build_network
 from threefactor.optim import Adamax
-from threefactor.rules.decolle import LOSSES, DecolleRule, ErrorTrigger
+from threefactor.rules import LOSSES, DecolleRule, ErrorTrigger
 
 CASES = [  # surrogate, loss, ordering, feedback alignment, reg1, reg2, dropout, variant
     ("boxcar", "mse", "current", False, 0.0, 0.0, 0.0, "after_pool"),

@@ -9,7 +9,7 @@ import torch
 
 from threefactor.cli import main
 from threefactor.demos import (
-    RegressionRule,
+    regression_rule,
     build_regression_network,
     center_neurons,
     poisson_input,
@@ -48,7 +48,7 @@ def test_one_regression_step_is_eq8_times_surrogate_times_p():
         state = None
         for t in range(4):
             out, state = net(x[None, t], state)
-    rule = RegressionRule(net, torch.optim.SGD(net.parameters(), lr=lr), "mse", burn_in=3)
+    rule = regression_rule(net, torch.optim.SGD(net.parameters(), lr=lr), burn_in=3)
     rule.train_sequence(x[None], targets)
     for i, layer in enumerate(net.layers):
         g = net.readouts[i].g  # (1, N)

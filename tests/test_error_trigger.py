@@ -11,7 +11,7 @@ import torch
 from threefactor.config import ConfigError, LayerConfig, NetworkConfig, NeuronConfig, load_config
 from threefactor.network import build_network
 from threefactor.rules import DecolleRule, ErrorTrigger, make_rule
-from threefactor.rules.decolle import local_loss
+from threefactor.rules import local_loss
 
 
 def _net(seed=0):

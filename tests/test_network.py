@@ -11,7 +11,7 @@ import torch
 from threefactor.config import Config, LayerConfig, NetworkConfig
 from threefactor.layers import LocalReadout
 from threefactor.network import DecolleNetwork, build_network, lsuv_init
-from threefactor.rules.decolle import DecolleRule, local_loss, regulariser
+from threefactor.rules import DecolleRule, local_loss, regulariser
 from threefactor.train import make_optimizer
 
 

@@ -25,7 +25,7 @@ from threefactor.neurons import (
     spike,
     surrogate_derivative,
 )
-from threefactor.rules.decolle import LOSSES, DecolleRule, local_loss, predict_sequence, regulariser
+from threefactor.rules import LOSSES, DecolleRule, local_loss, predict_sequence, regulariser
 
 F64 = torch.float64
 

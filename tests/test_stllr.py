@@ -24,7 +24,7 @@ from threefactor.neurons import (
     LIF_SURROGATES, SURROGATES, LIFParams, LIFState, lif_psi, lif_spike, lif_step, surrogate_derivative,
 )
 from threefactor.rules import STLLRFactors, STLLRRule, make_rule, predict_sequence
-from threefactor.rules.decolle import local_loss
+from threefactor.rules import local_loss
 from threefactor.rules.stllr import eligibility, eligibility_grad, trace_step
 from threefactor.train import make_optimizer
 

@@ -108,10 +108,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("threefactor")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def _torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threefactor", description="Online, local learning in spiking neural networks."
     )
+    parser.add_argument("--version", action="version",
+                        version=f"threefactor {_version()} (torch {_torch_version()})")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a network (DECOLLE on the embedded dataset by default)")
     p.add_argument("--config", help=f"a YAML file or a preset ({', '.join(presets()) or 'none yet'})")

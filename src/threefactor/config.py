@@ -141,7 +141,9 @@ class STLLRConfig:
 @dataclass
 class RuleConfig:
     name: Literal["decolle", "stllr", "bptt"] = "decolle"
-    loss: Literal["smooth_l1", "mse", "cross_entropy"] = "smooth_l1"
+    # smooth_l1, mse, cross_entropy, or the dotted import path of a user cost
+    # cost(readout, target, layer_index) -> scalar ("mypackage.costs:hinge")
+    loss: str = "smooth_l1"
     reg1: float = 0.0  # lambda1 <[U + 0.01]+>: keeps U below threshold on average
     reg2: float = 0.0  # lambda2 [0.1 - <U>]+: keeps each layer from going silent
     burn_in: int = 10  # steps without updates at the start of every sequence
@@ -462,6 +464,9 @@ def _check_rule_choice(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: rule 'stllr' trains soft-reset LIF neurons: set network.neuron_model: lif (or use a stllr-* preset)")
     if r.name == "stllr" and (r.reg1 or r.reg2):
         raise ConfigError(f"{source}: 'rule.reg1' and 'rule.reg2' apply to the decolle and bptt rules only; set them to 0 for stllr")
+    if r.loss not in ("smooth_l1", "mse", "cross_entropy") and not any(c in r.loss for c in ".:"):
+        raise ConfigError(f"{source}: 'rule.loss' must be smooth_l1, mse, cross_entropy or the dotted "
+                          f"import path of a cost (package.module:function), got {quote(r.loss)}")
     lp, lq, _, _ = r.stllr.factors
     if not (0 <= lp <= 1 and 0 <= lq <= 1):
         raise ConfigError(f"{source}: 'rule.stllr.factors' lambda_post and lambda_pre must be in [0, 1], got {list(r.stllr.factors)}")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import LayerConfig, NetworkConfig, NeuronConfig
 from .network import DecolleNetwork, build_network, lsuv_init
-from .rules.decolle import DecolleRule, regulariser
+from .rules.decolle import DecolleRule
 
 
 def poisson_input(n_inputs: int, steps: int, rate_hz: float, seed: int, dt_s: float = 1e-3) -> Tensor:
@@ -41,32 +41,20 @@ def regression_targets(steps: int, high_hz: float = 10.0, low_hz: float = 2.0, d
     return torch.stack([ramp, fast, slow], 1)
 
 
-def regression_loss(y: Tensor, target: Tensor) -> Tensor:
-    """0.5 sum_k (Y_k - Yhat_k)^2 averaged over the batch: its gradient is Eq. 8's error."""
-    return 0.5 * (y - target).pow(2).sum(1).mean()
+def regression_cost(y: Tensor, targets: Tensor, layer: int) -> Tensor:
+    """The local cost of layer ``layer``: 0.5 sum_k (Y_k - Yhat_k)^2 averaged over the batch
+    against its own target ``targets[:, layer]`` (targets (B, L, K) at one step); its gradient
+    is Eq. 8's error."""
+    return 0.5 * (y - targets[:, layer]).pow(2).sum(1).mean()
 
 
-class RegressionRule(DecolleRule):
-    """DECOLLE with a real-valued target per layer and per time step.
-
-    ``train_sequence(x, targets)`` takes ``targets`` (B, T, L, K): layer l's readout at step t
-    is pulled towards ``targets[:, t, l]``. The rule's own loop runs unchanged (burn-in,
-    detach, one optimiser step per step); it calls ``layer_losses`` once per step after the
-    burn-in, in order, which is how this class knows the step.
-    """
-
-    def train_sequence(self, x: Tensor, targets: Tensor):
-        self._t = self.burn_in
-        return super().train_sequence(x, targets)
-
-    def layer_losses(self, out, targets: Tensor) -> Tensor:
-        t = self._t
-        self._t += 1
-        reg = bool(self.reg1 or self.reg2)
-        return torch.stack([
-            regression_loss(y, targets[:, t, i]) + (regulariser(u, self.reg1, self.reg2) if reg else 0.0)
-            for i, (y, u) in enumerate(zip(out.readouts, out.membranes))
-        ])
+def regression_rule(network: DecolleNetwork, optimizer: torch.optim.Optimizer, reg1: float = 0.0,
+                    reg2: float = 0.0, burn_in: int = 0) -> DecolleRule:
+    """DECOLLE with a real-valued target per layer and per time step: ``train_sequence(x,
+    targets)`` takes ``targets`` (B, T, L, K), and layer l's readout at step t is pulled towards
+    ``targets[:, t, l]``. The rule's own loop runs unchanged (burn-in, detach, one optimiser
+    step per step); only the local cost is the demo's."""
+    return DecolleRule(network, optimizer, regression_cost, reg1, reg2, burn_in, target_per_step=True)
 
 
 @torch.no_grad()
@@ -216,7 +204,7 @@ def run_regression(
     activity = input_activity(network, x, burn_in)
     groups = [{"params": list(layer.parameters()), "lr": lr / a} for layer, a in zip(network.layers, activity)]
     optimizer = torch.optim.Adamax(groups, lr=lr, betas=(0.0, 0.95))
-    rule = RegressionRule(network, optimizer, "mse", reg1, reg2, burn_in)
+    rule = regression_rule(network, optimizer, reg1, reg2, burn_in)
 
     network.eval()  # no dropout here; eval mode only skips nn.Dropout's call (faster steps)
     initial = regression_mse(network, x, targets, burn_in)

@@ -56,7 +56,7 @@ from .data.splits import load_splits as _load_splits
 from .distributed import DistInfo
 from .network import DecolleNetwork, build_network, lsuv_init
 from .optim import Adamax
-from .rules.decolle import DecolleRule, SequenceResult, predict_sequence
+from .rules.common import SequenceResult, predict_sequence, resolve_loss
 from .rules import make_rule
 from .rundir import CHECKPOINT_NAME, METRICS_NAME, RunDirectory, RunDirectoryError, write_atomic
 
@@ -202,12 +202,13 @@ def evaluate(
     correct = torch.zeros(n_layers)
     loss = torch.zeros(n_layers)
     lo, hi = distributed.shard(len(data.labels), info.rank, info.world_size)
+    cost = resolve_loss(cfg.rule.loss)
     for idx in _batches(hi - lo, cfg.train.eval_batch_size, None):
         if lo:
             idx = idx + lo
         x = data.frames[idx].to(device, torch.float32)
         y = data.labels[idx].to(device)
-        res = predict_sequence(network, x, y, cfg.rule.burn_in, cfg.rule.loss)
+        res = predict_sequence(network, x, y, cfg.rule.burn_in, cost)
         correct += (res.votes.argmax(2) == y[None]).sum(1).cpu()
         loss += res.loss.cpu() * len(idx)
     if info.enabled:
@@ -597,7 +598,8 @@ def train(
     out = Path(out_dir)
     try:
         info = distributed.env_info()
-    except distributed.DistributedError as err:
+        resolve_loss(cfg.rule.loss)  # a user cost that does not import: before anything is written
+    except (distributed.DistributedError, ValueError) as err:
         raise RunError(str(err)) from None
     if info.enabled:
         return _train_together(cfg, out, log, resume)

@@ -1,6 +1,8 @@
 """Learning rules: each decides what to detach, which losses to form and when to step.
 
-Every rule has ``train_sequence(x, labels) -> SequenceResult(votes (L, B, C), loss (L,), stats)``;
+Every rule follows the ``Rule`` protocol (``rules.common``): ``train_sequence(x, labels) ->
+SequenceResult(votes (L, B, C), loss (L,), stats)``; the local loss is a built-in name or any
+user cost ``cost(readout, target, layer_index) -> scalar``;
 evaluation is ``predict_sequence`` for every rule and network. ``make_rule`` picks one from
 the config (``rule.name: decolle | stllr | bptt``).
 """
@@ -8,9 +10,11 @@ the config (``rule.name: decolle | stllr | bptt``).
 from __future__ import annotations
 
 from .bptt import BPTTRule
-from .decolle import (
-    DecolleRule, ErrorTrigger, SequenceResult, local_loss, predict_sequence, regulariser,
+from .common import (
+    LOSSES, LocalCost, LocalCostError, Rule, SequenceResult, layer_losses, local_loss,
+    predict_sequence, regulariser, resolve_loss,
 )
+from .decolle import DecolleRule, ErrorTrigger
 from .stllr import SHD, VISION, STLLRFactors, STLLRRule
 
 RULES: tuple[str, ...] = ("decolle", "stllr", "bptt")
@@ -39,6 +43,7 @@ def make_rule(cfg, network, optimizer):
 
 
 __all__ = [
-    "BPTTRule", "DecolleRule", "ErrorTrigger", "RULES", "SHD", "STLLRFactors", "STLLRRule",
-    "SequenceResult", "VISION", "local_loss", "make_rule", "predict_sequence", "regulariser",
+    "BPTTRule", "DecolleRule", "ErrorTrigger", "LOSSES", "LocalCost", "LocalCostError", "RULES", "Rule",
+    "SHD", "STLLRFactors", "STLLRRule", "SequenceResult", "VISION", "layer_losses", "local_loss",
+    "make_rule", "predict_sequence", "regulariser", "resolve_loss",
 ]

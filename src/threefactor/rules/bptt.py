@@ -14,14 +14,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .decolle import DecolleRule, Loss, SequenceResult, vote
+from .common import Loss, SequenceResult, layer_losses, resolve_loss, vote
 
 
-class BPTTRule(DecolleRule):
+class BPTTRule:
     """Full-gradient training of a ``DecolleNetwork`` or a ``LIFNetwork``.
 
-    It shares DECOLLE's per-step losses (``layer_losses``); only what is detached and when
-    the optimiser steps differ.
+    Its per-step losses are DECOLLE's (``layer_losses``); only what is detached and when the
+    optimiser steps differ.
     """
 
     def __init__(
@@ -34,9 +34,13 @@ class BPTTRule(DecolleRule):
         burn_in: int = 0,
         loss_layers: Literal["all", "last"] = "all",
     ) -> None:
-        super().__init__(network, optimizer, loss, reg1, reg2, burn_in)
         if loss_layers not in ("all", "last"):
             raise ValueError(f"unknown loss_layers {loss_layers!r}; valid: all, last")
+        self.network = network
+        self.optimizer = optimizer
+        self.loss = resolve_loss(loss)
+        self.reg1, self.reg2 = reg1, reg2
+        self.burn_in = burn_in
         self.loss_layers = loss_layers
 
     def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
@@ -51,7 +55,7 @@ class BPTTRule(DecolleRule):
             out, state = net(x[:, t], state, detach=False)
             if t < self.burn_in:
                 continue
-            losses = self.layer_losses(out, labels)
+            losses = layer_losses(out, labels, self.loss, self.reg1, self.reg2)
             step_loss = losses.sum() if self.loss_layers == "all" else losses[-1]
             total = step_loss if total is None else total + step_loss
             loss_sum += losses.detach()

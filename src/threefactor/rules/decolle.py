@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,47 +22,10 @@ from ..network import DecolleNetwork, NetworkState
 from ..neurons import (
     DecolleOutput, DecolleState, fires, input_trace_step, surrogate_derivative,
 )
-
-Loss = Literal["smooth_l1", "mse", "cross_entropy"]
-LOSSES: tuple[str, ...] = ("smooth_l1", "mse", "cross_entropy")
-
-
-def local_loss(y: Tensor, labels: Tensor, kind: Loss, target: Tensor | None = None) -> Tensor:
-    """Loss of one readout ``y`` (B, C) against integer ``labels`` (B,), averaged over the batch.
-
-    smooth L1 and MSE compare with one-hot targets (``target``, when the caller has it already);
-    MSE is ``0.5 * sum_k (Y_k - Yhat_k)^2`` per sample, so its gradient is exactly the error of
-    Eq. 8.
-    """
-    if kind == "cross_entropy":
-        return F.cross_entropy(y, labels)
-    if target is None:
-        target = F.one_hot(labels, y.shape[1]).to(y.dtype)
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(y, target)
-    if kind == "mse":
-        return 0.5 * (y - target).pow(2).sum(1).mean()
-    raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
-
-
-def regulariser(u: Tensor, reg1: float, reg2: float) -> Tensor:
-    """Eq. 9: lambda1 <[U + 0.01]+> + lambda2 [0.1 - <U>]+, averages over the layer's neurons."""
-    u = u.flatten(1)
-    return reg1 * F.relu(u + 0.01).mean() + reg2 * F.relu(0.1 - u.mean(1)).mean()
-
-
-class SequenceResult(NamedTuple):
-    votes: Tensor  # (L, B, C): per layer, how many steps after burn-in voted for each class
-    loss: Tensor  # (L,): per layer, mean local loss over the steps after burn-in
-    stats: dict | None = None  # rule-specific numbers (e.g. the fraction of triggered updates)
-
-
-def vote(readouts: tuple[Tensor, ...], votes: Tensor) -> None:
-    """Add each layer's argmax class at this step to ``votes`` (L, B, C), in place."""
-    with torch.no_grad():
-        winners = torch.stack(readouts).argmax(2, keepdim=True)  # (L, B, 1): all layers at once
-        votes.scatter_add_(2, winners, torch.ones_like(winners, dtype=votes.dtype))
-
+from .common import (
+    Loss, LocalCostError, SequenceResult, check_local, layer_losses, local_loss, loss_grad,
+    regulariser, regulariser_grad, resolve_loss, vote,
+)
 
 class DecolleRule:
     """Runs sequences through a network and applies the DECOLLE updates online."""
@@ -78,28 +41,30 @@ class DecolleRule:
         error_trigger: "ErrorTrigger | None" = None,
         closed_form: bool = True,
         compile: bool = False,
+        target_per_step: bool = False,
     ) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+        """``loss``: a built-in name or a user cost ``cost(readout, target, layer_index) -> scalar``
+        (its update then follows by autograd, within each layer and step). ``target_per_step``:
+        the targets given to ``train_sequence`` have a time axis, (B, T, ...), and step t's cost
+        sees ``target[:, t]`` (e.g. a regression target that changes in time)."""
         self.network = network
         self.optimizer = optimizer
-        self.loss = loss
+        self.loss = resolve_loss(loss)
         self.reg1, self.reg2 = reg1, reg2
         self.burn_in = burn_in
         self.error_trigger = error_trigger
         self.closed_form = closed_form
         self.compile = compile
+        self.target_per_step = target_per_step
         self._compiled = None  # the compiled _closed_form_math; False once compiling failed
 
-    def layer_losses(self, out, labels: Tensor) -> Tensor:
+    def layer_losses(self, out, target: Tensor) -> Tensor:
         """The local loss of every layer at one step, stacked (L,), graph attached."""
-        return torch.stack([
-            local_loss(y, labels, self.loss) + regulariser(u, self.reg1, self.reg2)
-            for y, u in zip(out.readouts, out.membranes)
-        ])
+        return layer_losses(out, target, self.loss, self.reg1, self.reg2)
 
     def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
-        """Learn from one batch of sequences ``x`` (B, T, ...) with class ``labels`` (B,)."""
+        """Learn from one batch of sequences ``x`` (B, T, ...) with targets ``labels``: class
+        indices (B,), or whatever the loss takes ((B, T, ...) with ``target_per_step``)."""
         net = self.network
         n_layers, steps = len(net.layers), x.shape[1]
         votes = x.new_zeros(n_layers, x.shape[0], len(net.readouts[0].g))
@@ -121,12 +86,21 @@ class DecolleRule:
                 vote(readouts, votes)
                 continue
             out, state = net(x[:, t], state)
-            losses = self.layer_losses(out, labels)
+            target_t = labels[:, t] if self.target_per_step else labels
+            if callable(self.loss) and t == self.burn_in:
+                check_local(out, target_t, self.loss, net)  # once per sequence: a user cost stays in its layer
+            losses = self.layer_losses(out, target_t)
             self.optimizer.zero_grad(set_to_none=True)
             if trigger is not None:
                 for i, s in enumerate(out.spikes):
                     s.register_hook(trigger.hook(i))
-            losses.sum().backward()
+            try:
+                losses.sum().backward()
+            except RuntimeError as err:
+                if callable(self.loss) and "backward through the graph a second time" in str(err):
+                    raise LocalCostError("the local cost uses a tensor of an earlier time step; a local "
+                                         "cost may use only this step's readout and the target") from None
+                raise
             if trigger is not None:
                 trigger.end_step(net)
             self.optimizer.step()
@@ -137,14 +111,13 @@ class DecolleRule:
 
     def uses_closed_form(self) -> bool:
         """Whether ``train_sequence`` takes the closed-form step: asked for (``closed_form``), plain
-        DECOLLE (no error trigger, ``layer_losses`` not overridden) on a ``DecolleNetwork`` whose layers are dense or zero-padded
+        DECOLLE (no error trigger, a built-in loss) on a ``DecolleNetwork`` whose layers are dense or zero-padded
         convolutions with non-overlapping max-pooling, and no forward pre-hooks on the layers
         (plain forward hooks are called as if the layer's forward had run). Anything else goes
         through autograd."""
         net = self.network
-        if not self.closed_form or self.error_trigger is not None or type(net) is not DecolleNetwork:
-            return False
-        if type(self).layer_losses is not DecolleRule.layer_losses:  # a subclass's own loss
+        if (not self.closed_form or self.error_trigger is not None or callable(self.loss)
+                or self.target_per_step or type(net) is not DecolleNetwork):
             return False
         for layer in net.layers:
             if type(layer) is not DecolleLayer or layer._forward_pre_hooks or layer._forward_hooks_with_kwargs:
@@ -287,44 +260,6 @@ def _like_spikes(layer: DecolleLayer, r: Tensor) -> Tensor:
     b, c, hh, ww = r.shape
     fmt = torch.channels_last if is_channels_last(r) else torch.contiguous_format
     return torch.empty((b, c, hh // k, ww // k), dtype=r.dtype, device=r.device, memory_format=fmt)
-
-
-def loss_grad(y: Tensor, target: Tensor, kind: Loss) -> Tensor:
-    """dL/dY of ``local_loss(y, labels, kind)``; ``target`` is the one-hot of ``labels``."""
-    if kind == "smooth_l1":  # mean over B x C of 0.5 d^2 (|d| < 1) or |d| - 0.5
-        return (y - target).clamp_(-1.0, 1.0).div_(y.numel())
-    if kind == "mse":
-        return (y - target).div_(y.shape[0])
-    if kind == "cross_entropy":
-        return (torch.softmax(y, 1) - target).div_(y.shape[0])
-    raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
-
-
-def regulariser_grad(u: Tensor, reg1: float, reg2: float) -> Tensor:
-    """dL/dU of ``regulariser(u, reg1, reg2)``, shaped like ``u``."""
-    flat = u.flatten(1)
-    b, n = flat.shape
-    grad = (flat > -0.01).to(u.dtype).mul_(reg1 / (b * n))
-    below = (flat.mean(1, keepdim=True) < 0.1).to(u.dtype)
-    grad = grad - below * (reg2 / (b * n))
-    return grad.view(u.shape)
-
-
-@torch.no_grad()
-def predict_sequence(
-    network: DecolleNetwork, x: Tensor, labels: Tensor, burn_in: int, loss: Loss = "smooth_l1"
-) -> SequenceResult:
-    """Inference only: the votes and local losses of every layer, without any autograd."""
-    n_layers, steps = len(network.layers), x.shape[1]
-    votes = x.new_zeros(n_layers, x.shape[0], len(network.readouts[0].g))
-    loss_sum = x.new_zeros(n_layers)
-    state = None
-    for t in range(steps):
-        out, state = network(x[:, t], state)
-        if t >= burn_in:
-            vote(out.readouts, votes)
-            loss_sum += torch.stack([local_loss(y, labels, loss) for y in out.readouts])
-    return SequenceResult(votes, loss_sum / max(steps - burn_in, 1))
 
 
 class ErrorTrigger:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..layers import LIFLayer
 from ..network import LIFNetwork
 from ..neurons import LIF_SURROGATES, LIFState, LIFSurrogate, detach_lif_state
-from .decolle import LOSSES, Loss, SequenceResult, local_loss, vote
+from .common import Loss, SequenceResult, local_loss, resolve_loss, vote
 
 LearningSignal = Literal["backprop", "dfa", "local"]
 LEARNING_SIGNALS: tuple[str, ...] = ("backprop", "dfa", "local")
@@ -156,7 +156,8 @@ class STLLRRule:
     ) -> None:
         if not isinstance(network, LIFNetwork):
             raise ValueError("the stllr rule needs a LIF network (network.neuron_model: lif)")
-        for name, value, valid in (("loss", loss, LOSSES), ("psi", psi, PSIS),
+        loss = resolve_loss(loss)
+        for name, value, valid in (("psi", psi, PSIS),
                                    ("bias_update", bias_update, BIAS_UPDATES),
                                    ("learning_signal", learning_signal, LEARNING_SIGNALS),
                                    ("update", update, ("step", "sequence")),
@@ -213,7 +214,7 @@ class STLLRRule:
         """Per-layer losses (L,) and the learning signals delta_l = dL/dy_l at this step."""
         net = self.network
         ys = [r(net.dropout(o.s)) for r, o in zip(net.readouts, outs)]
-        losses = torch.stack([local_loss(y, labels, self.loss) for y in ys])
+        losses = torch.stack([local_loss(y, labels, self.loss, layer=i) for i, y in enumerate(ys)])
         objective = losses.sum() if self.loss_layers == "all" else losses[-1]
         targets = [o.s_neurons for o in outs]
         if self.learning_signal == "dfa":
