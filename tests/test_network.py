@@ -59,8 +59,13 @@ def test_build_network_shapes_and_readout_sizes():
     assert [tuple(s.shape) for s in out.spikes] == [(3, 3, 4, 4), (3, 4, 4, 4), (3, 6)]
     assert [tuple(y.shape) for y in out.readouts] == [(3, 4)] * 3
     assert [tuple(r.g.shape) for r in net.readouts] == [(4, 48), (4, 64), (4, 6)]
-    # P and Q have the layer's input shape (flattened for the dense layer), R its output shape
+    # P and Q have the layer's input shape (flattened for the dense layer), R the shape of its
+    # neurons: unpooled with the refractory trace before the pool (the default), else pooled
     assert [tuple(s.p.shape) for s in state] == [(3, 2, 8, 8), (3, 3, 4, 4), (3, 64)]
+    assert [tuple(s.r.shape) for s in state] == [(3, 3, 8, 8), (3, 4, 4, 4), (3, 6)]
+    cfg = _cfg()
+    cfg.neuron.refractory = "after_pool"
+    _, state = build_network(cfg, (2, 8, 8), 4, seed=0)(x[:, 0])
     assert [tuple(s.r.shape) for s in state] == [(3, 3, 4, 4), (3, 4, 4, 4), (3, 6)]
 
 

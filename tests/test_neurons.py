@@ -212,7 +212,7 @@ def test_max_pool_acts_on_the_membrane_before_the_spike_and_refractory_after():
     """U = maxpool(conv(P) + b) - rho R: R has the pooled shape and is subtracted after pooling."""
     torch.manual_seed(3)
     conv = nn.Conv2d(2, 3, 3, padding=1, dtype=F64)
-    params = DecolleParams(rho=0.7)
+    params = DecolleParams(rho=0.7, refractory="after_pool", spike_at_zero=True)
     layer = DecolleLayer(conv, params, pool=2)
     x = (torch.rand(2, 2, 6, 6) < 0.5).to(F64)
     state0 = initial_decolle_state(x, (2, 3, 3, 3))

@@ -28,7 +28,6 @@ from threefactor.export import (  # noqa: E402
     nirtorch_node_map,
 )
 from threefactor.network import DecolleNetwork, build_network  # noqa: E402
-from threefactor.neurons import DecolleParams, input_trace_step  # noqa: E402
 
 T = 50  # time steps per simulation
 ARCHS = {
@@ -41,9 +40,9 @@ ARCHS = {
 
 # neuron and readout settings besides the ordering; "authors" is the authors' formulation
 VARIANTS = {
-    "after_pool": {},
+    "after_pool": dict(refractory="after_pool", spike_at_zero=True),
     "authors": dict(refractory="before_pool", spike_at_zero=False, readout_bias=True),
-    "before_pool": dict(refractory="before_pool"),
+    "before_pool": dict(refractory="before_pool", spike_at_zero=True),
 }
 
 
@@ -499,7 +498,8 @@ def test_export_from_run_directory_and_cli(tmp_path, capsys):
     from threefactor.train import save_checkpoint
 
     layers, shape = ARCHS["conv_dense"]
-    cfg = Config(network=NetworkConfig(layers=list(layers)))
+    # R after the pool: a formulation that portable mode approximates, so the CLI warns
+    cfg = Config(network=NetworkConfig(layers=list(layers), neuron=NeuronConfig(refractory="after_pool")))
     net = build_network(cfg.network, shape, 3, cfg.seed)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     run = tmp_path / "run"
@@ -521,6 +521,15 @@ def test_export_from_run_directory_and_cli(tmp_path, capsys):
     assert "wrote" in captured.out and "warning" in captured.err
     assert not any(isinstance(n, nir.Output) and k != "output"
                    for k, n in nir.read(tmp_path / "b.nir").nodes.items())
+
+
+def test_the_default_formulation_exports_to_portable_nir_without_approximation():
+    layers, shape = ARCHS["conv_dense"]
+    net = build_network(NetworkConfig(layers=list(layers)), shape, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NIRApproximationWarning)
+        for dialect in ("norse", "snntorch"):
+            export_nir(net, mode="portable", dialect=dialect, input_shape=shape)
 
 
 # --- third-party importers (oracles: tests/oracles.txt) --------------------------------

@@ -108,7 +108,9 @@ def _random_state(x_shape, out_shape, gen) -> DecolleState:
 
 def _make_layer(kind: str, surrogate: str, gen: torch.Generator):
     """(layer, input spikes, previous state) with membranes spread around the threshold."""
-    params = DecolleParams(alpha=0.9, beta=0.8, gamma=0.6, rho=0.8)
+    # R after the pool: the manual Eq. 7 below routes dL/dU through the pool of W P + b alone
+    # (the refractory trace before the pool: test_closed_form.py and test_decolle_public.py)
+    params = DecolleParams(alpha=0.9, beta=0.8, gamma=0.6, rho=0.8, refractory="after_pool", spike_at_zero=True)
     B = 3
     if kind == "dense":
         syn = nn.Linear(7, 5, dtype=F64)
@@ -225,7 +227,7 @@ def test_local_losses_are_the_documented_ones():
 def _tiny_cfg(surrogate: str = "boxcar", dropout: float = 0.0) -> NetworkConfig:
     return NetworkConfig(
         layers=[LayerConfig("conv", 3, 3, 2), LayerConfig("conv", 4, 3, 1), LayerConfig("dense", 6)],
-        neuron=NeuronConfig(alpha=0.9, beta=0.8),
+        neuron=NeuronConfig(alpha=0.9, beta=0.8, refractory="after_pool", spike_at_zero=True),
         surrogate=surrogate,
         readout_scale=2.0,
         dropout=dropout,

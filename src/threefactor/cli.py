@@ -23,7 +23,7 @@ def _is_main_process() -> bool:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import dump_config
-    from .train import RunError, train
+    from .train import train
 
     if args.resume is not None:
         return _resume(args)

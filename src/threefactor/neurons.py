@@ -121,8 +121,8 @@ class DecolleParams(NamedTuple):
     gamma: float = 0.65  # refractory trace R, exp(-dt/tau_ref)
     rho: float = 1.0  # refractory strength
     ordering: Ordering = "current"
-    refractory: Refractory = "after_pool"
-    spike_at_zero: bool = True
+    refractory: Refractory = "before_pool"
+    spike_at_zero: bool = False
 
     @classmethod
     def from_taus(

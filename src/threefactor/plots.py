@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .rundir import write_atomic
+from .atomic import write_atomic
 
 PLOTS_DIR = "plots"
 PLOT_FILES = ("error_curves.png", "filters.png", "neuron_states.png", "input_events.png")

@@ -8,9 +8,7 @@ anything, and the first goes on untouched. A new run's files (``config.yaml``,
 or is interrupted before ``started()``, i.e. before its first checkpoint: a start that fails
 (missing data, no CUDA, a network that does not fit the data) leaves no half-made run behind.
 
-``write_atomic`` writes a file under a unique temporary name in the same directory and renames
-it into place, so neither a crash nor a concurrent writer ever leaves a torn file, and the
-temporary file is removed if the write fails.
+Files in it are written with ``atomic.write_atomic``: whole or not at all.
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from .atomic import TEMP_SUFFIX, write_atomic
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX (Windows): runs are not locked there
@@ -33,31 +33,10 @@ LOCK_NAME = ".threefactor.lock"
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_NAME = "checkpoint.pt"
-_TEMP_SUFFIX = ".tmp"
 
 
 class RunDirectoryError(RuntimeError):
     """A run directory that cannot be used: in use by another run, not writable, not a run."""
-
-
-def write_atomic(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
-    """``data`` into ``path`` through a uniquely named temporary file in the same directory,
-    renamed over ``path``; the temporary file is removed if anything fails."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class RunLock:
@@ -218,7 +197,7 @@ def _probe_writable(path: Path) -> None:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Temporary files of writes that a killed run left (only the holder of the lock writes)."""
-    for tmp in path.glob(f".*{_TEMP_SUFFIX}"):
+    for tmp in path.glob(f".*{TEMP_SUFFIX}"):
         try:
             tmp.unlink()
         except OSError:

@@ -58,7 +58,8 @@ from .network import DecolleNetwork, build_network, lsuv_init
 from .optim import Adamax
 from .rules.common import SequenceResult, predict_sequence, resolve_loss
 from .rules import make_rule
-from .rundir import CHECKPOINT_NAME, METRICS_NAME, RunDirectory, RunDirectoryError, write_atomic
+from .atomic import write_atomic
+from .rundir import CHECKPOINT_NAME, METRICS_NAME, RunDirectory, RunDirectoryError
 
 CHECKPOINT_FORMAT = "threefactor-checkpoint"
 CHECKPOINT_VERSION = 2

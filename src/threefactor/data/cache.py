@@ -22,16 +22,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import io
 import json
 import os
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from ..atomic import write_atomic
 
 CACHE_FORMAT = 2
 # Files up to this size are hashed whole; larger ones by blocks (first, last, spaced between).
@@ -153,17 +155,9 @@ def save_array(path: str | os.PathLike, array: np.ndarray, kind: str = "numpy", 
                       values=flat[nz], dtype=np.asarray(str(array.dtype)))
     else:
         fields["dense"] = array
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **fields)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **fields)
+    write_atomic(path, buf.getvalue())
 
 
 def load_array(path: str | os.PathLike, key: str | None = None) -> tuple[np.ndarray, str] | None:

@@ -14,7 +14,6 @@ neuron's first spike.
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

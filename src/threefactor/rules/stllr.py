@@ -144,7 +144,7 @@ class STLLRRule:
         network: LIFNetwork,
         optimizer: torch.optim.Optimizer,
         factors: STLLRFactors = VISION,
-        psi: PsiName = "authors",
+        psi: PsiName = "boxcar",
         learning_signal: LearningSignal = "backprop",
         update: Literal["step", "sequence"] = "step",
         loss: Loss = "smooth_l1",
@@ -152,7 +152,7 @@ class STLLRRule:
         loss_layers: Literal["all", "last"] = "all",
         feedback_scale: float = 0.5,
         seed: int = 0,
-        bias_update: BiasUpdate = "psi_delta",
+        bias_update: BiasUpdate = "synapse",
     ) -> None:
         if not isinstance(network, LIFNetwork):
             raise ValueError("the stllr rule needs a LIF network (network.neuron_model: lif)")
