@@ -62,8 +62,10 @@ def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
                  surrogate: str = "fast_sigmoid", ordering: str = "lagged", dropout: float = 0.5,
                  closed_form: bool = True, compile: bool = False):
     """A ``threefactor.config.Config`` for ``net`` trained by ``rule`` with the authors' settings
-    (decays 0.97 / 0.92 / 0.65, fast-sigmoid surrogate, lagged P, dropout 0.5 into the readouts,
-    smooth L1, Adamax betas (0, 0.95)). ``stllr`` gets the same stack with soft-reset LIF neurons.
+    and formulation (decays 0.97 / 0.92 / 0.65, fast-sigmoid surrogate, lagged P, the refractory
+    trace before the pool, spikes on U > 0, readout biases, dropout 0.5 into the readouts,
+    smooth L1, Adamax betas (0, 0.95)): the same computation as their code (tests/
+    test_decolle_public.py). ``stllr`` gets the same stack with soft-reset LIF neurons.
     ``closed_form=False`` makes DECOLLE take the autograd path (the before/after of the speed work)."""
     from threefactor.config import (Config, LayerConfig, NetworkConfig, NeuronConfig,
                                     OptimConfig, RuleConfig)
@@ -71,8 +73,10 @@ def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
     layers = [LayerConfig(t, c, k, p) for t, c, k, p in net.layers]
     network = NetworkConfig(
         layers=layers,
-        neuron=NeuronConfig(alpha=0.97, beta=0.92, gamma=0.65, rho=1.0, ordering=ordering),
+        neuron=NeuronConfig(alpha=0.97, beta=0.92, gamma=0.65, rho=1.0, ordering=ordering,
+                            refractory="before_pool", spike_at_zero=False),
         surrogate=surrogate, readout_scale=net.readout_scale, dropout=dropout, init="default",
+        readout_bias=True,
     )
     if rule == "stllr":
         network.neuron_model = "lif"
