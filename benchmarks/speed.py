@@ -135,7 +135,7 @@ def _minor_faults() -> int:
 def _ours(spec: dict) -> dict:
     import torch
 
-    from threefactor.rules.decolle import predict_sequence
+    from threefactor.rules import predict_sequence
 
     net = H.NETWORKS[spec["net"]]
     batch, mode = spec["batch"], spec["mode"]
