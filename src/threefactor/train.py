@@ -531,21 +531,19 @@ class DivergenceGuard:
         return self.factor * max(running, self.FLOOR)
 
     def weight_problem(self, norms: list[float]) -> str | None:
-        if not self.factor:
-            return None
-        for i, (value, running) in enumerate(zip(norms, self.norm)):
-            if value > self._limit(running):
-                return (f"the weight norm of layer {i + 1} grew to {value:.3g}, over {self.factor:g} "
-                        f"times its running value {running:.3g}")
-        return None
+        return self._problem("weight norm", norms, self.norm)
 
     def loss_problem(self, losses: list[float]) -> str | None:
-        if not self.factor or self.loss is None:
+        return self._problem("loss", losses, self.loss)
+
+    def _problem(self, what: str, values: list[float], running: list[float] | None) -> str | None:
+        """The first layer whose ``what`` is beyond ``factor`` times its running value, in words."""
+        if not self.factor or running is None:
             return None
-        for i, (value, running) in enumerate(zip(losses, self.loss)):
-            if value > self._limit(running):
-                return (f"the loss of layer {i + 1} grew to {value:.3g}, over {self.factor:g} times "
-                        f"its running value {running:.3g}")
+        for i, (value, run) in enumerate(zip(values, running)):
+            if value > self._limit(run):
+                return (f"the {what} of layer {i + 1} grew to {value:.3g}, over {self.factor:g} "
+                        f"times its running value {run:.3g}")
         return None
 
     def accept(self, losses: list[float], norms: list[float]) -> None:
