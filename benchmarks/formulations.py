@@ -99,7 +99,7 @@ def plot(rows: list[dict], path: Path) -> None:
             if accs:
                 ax.hlines(statistics.mean(accs), j - 0.3, j + 0.3, color=f"C{j}")
         ax.set_xticks(range(len(forms)), forms, rotation=15)
-        ax.set_title(config)
+        ax.set_title("embedded (default config)" if config == "default" else config)
         ax.set_ylabel("last-layer test accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
