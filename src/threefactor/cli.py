@@ -90,6 +90,19 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .run_eval import evaluate_run, plot_confusion
+
+    result = evaluate_run(args.run_dir, args.set or [], args.device)
+    print(f"{result.samples} test samples, {len(result.classes)} classes")
+    for i, (acc, loss) in enumerate(zip(result.accuracy, result.loss)):
+        print(f"layer {i + 1}: accuracy {acc:.4f}, loss {loss:.4f}")
+    run = Path(args.run_dir)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "plots" / "confusion.png"
+    print(f"wrote {plot_confusion(result, out)}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demos import run_regression
     from .train import RunError
@@ -150,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="(re)draw the plots of a finished or running run into RUN_DIR/plots")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.yaml, checkpoint.pt, metrics.jsonl)")
     p.set_defaults(func=_plot)
+    p = sub.add_parser("eval", help="a run's accuracy per layer and confusion matrices, on its test split or other data")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint.pt)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="other data of the same classes, e.g. --set data.root=... --set data.n_test=500")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", help="the confusion-matrix PNG (default: RUN_DIR/plots/confusion.png)")
+    p.set_defaults(func=_eval)
     p = sub.add_parser("demo", help="small demonstrations of the paper (regression: Sec. 3.1, Fig. 1)")
     p.add_argument("name", choices=["regression"], help="which demo")
     p.add_argument("--out", help="output directory (default: runs/regression-<date-time>)")

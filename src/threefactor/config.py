@@ -517,6 +517,16 @@ def _index(part: str, node: list, key: str) -> int:
     return int(part)
 
 
+def override_config(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``key=value`` overrides, validated as ``load_config`` validates them."""
+    data = to_dict(cfg)
+    for assignment in overrides:
+        key = assignment.partition("=")[0]
+        _check_path(key.split("."), source=f"--set {_clip(assignment)}")
+        apply_override(data, assignment)
+    return config_from_dict(data, "config with --set overrides") if overrides else cfg
+
+
 def load_config(path_or_preset: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then a YAML file or a preset name, then ``key=value`` overrides."""
     data: dict = dataclasses.asdict(Config())
