@@ -156,6 +156,19 @@ def test_resume_refuses_config_changes_on_the_command_line(finished_run, capsys,
     assert "--resume" in line and extra[0] in line and "config.yaml" in line
 
 
+def test_resume_with_more_epochs_extends_a_finished_run(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "longer"
+    shutil.copytree(finished_run, run)
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=2", "--set", "train.plots=false"]) == 0
+    capsys.readouterr()
+    assert {row["epoch"] for row in _rows(run)} == {1, 2}
+    assert _rows(run)[: len(_rows(finished_run))] == _rows(finished_run)  # epoch 1 kept as it was
+    assert load_config(run / "config.yaml").train.epochs == 2  # the next --resume goes on from here
+    assert main(["train", "--resume", str(run)]) == 0  # finished at 2 epochs: nothing more to do
+
+
 def test_resume_of_a_directory_without_a_run_is_one_line(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "nothing" in _one_line_error(capsys)

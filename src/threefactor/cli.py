@@ -50,23 +50,32 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    """`train --resume RUN_DIR`: continue a run with its own config.yaml."""
+    """`train --resume RUN_DIR [--set KEY=VALUE ...]`: continue a run with its own config.yaml;
+    ``--set`` may change what does not change what the run computes (``RESUMABLE_CHANGES``:
+    e.g. ``train.epochs``, which extends a finished run)."""
     from .config import dump_config
-    from .train import RunError, train
+    from .train import RESUMABLE_CHANGES, RunError, train
 
     run = Path(args.resume)
-    given = [flag for flag, value in (("--config", args.config), ("--set", args.set),
-                                      ("--seed", args.seed)) if value]
+    given = [flag for flag, value in (("--config", args.config), ("--seed", args.seed)) if value]
     if args.out is not None and Path(args.out).resolve() != run.resolve():
         given.append("--out")
     if given:
         raise RunError(
             f"--resume continues {run} with the settings in its config.yaml, so it cannot be "
-            f"combined with {' or '.join(given)} (only --device may be given)"
+            f"combined with {' or '.join(given)} (only --device and --set of "
+            f"{', '.join(RESUMABLE_CHANGES[1:])} may be given)"
+        )
+    fixed = [a.partition("=")[0] for a in args.set or [] if a.partition("=")[0] not in RESUMABLE_CHANGES]
+    if fixed:
+        raise RunError(
+            f"--resume continues {run} with the settings in its config.yaml, and --set cannot change "
+            f"{fixed[0]!r} there (it changes what the run computes); --set may change only "
+            f"{', '.join(RESUMABLE_CHANGES[1:])}, e.g. --set train.epochs=N to extend the run"
         )
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run}: not a run directory (no config.yaml there) to resume")
-    cfg = load_config(run / "config.yaml", [f"device={args.device}"] if args.device else [])
+    cfg = load_config(run / "config.yaml", [*(args.set or []), *([f"device={args.device}"] if args.device else [])])
     main_process = _is_main_process()
     if args.print_config:
         if main_process:

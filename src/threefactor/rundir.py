@@ -144,6 +144,9 @@ class RunDirectory:
             has_rows = metrics.is_file() and metrics.stat().st_size > 0
             if resume and checkpoint.exists():
                 _probe_writable(path)
+                # the resumed run's settings (e.g. more epochs) become the run's config.yaml
+                if (path / CONFIG_NAME).read_text() != config_text:
+                    write_atomic(path / CONFIG_NAME, config_text.encode())
                 return cls(path, open(metrics, "r+b" if metrics.exists() else "w+b"), lock,
                            fresh=False, created=[], made_dir=False)
             if checkpoint.exists():
