@@ -7,11 +7,18 @@ dominates (tens of times slower on a busy 2-core machine), so the suite runs sin
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+# The presets read their data under $THREEFACTOR_DATA; here the real recordings are in
+# ../shared/data (./dev sets it too; this covers a bare pytest).
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if _SHARED_DATA.is_dir():
+    os.environ.setdefault("THREEFACTOR_DATA", str(_SHARED_DATA))
 
 
 @pytest.fixture(autouse=True)

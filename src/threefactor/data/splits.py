@@ -293,7 +293,7 @@ def load_splits(d: "DataConfig", progress: bool = True) -> tuple[FrameData, Fram
     if shared:
         n_shared = sum(s in shared for s in test.sources)
         hint = ""
-        if d.dataset == "folder" and not (Path(d.root).expanduser() / "test").is_dir():
+        if d.dataset == "folder" and not (resolve_root(d.root) / "test").is_dir():
             hint = f"; give {d.root} train/ and test/ subfolders to keep a test set apart"
         test.warnings.append(
             f"{n_shared} of the {len(test)} test samples are training samples too (the same "
@@ -325,8 +325,30 @@ def _sensor_name(d: "DataConfig", layout: SplitLayout) -> str:
     return f"{d.root} (data.sensor_size)"
 
 
+DATA_HOME_VARIABLE = "THREEFACTOR_DATA"
+
+
+def data_home() -> Path:
+    """Where the presets' datasets live: ``$THREEFACTOR_DATA``, else ``$XDG_DATA_HOME/threefactor``
+    (``~/.local/share/threefactor``)."""
+    home = os.environ.get(DATA_HOME_VARIABLE)
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(xdg).expanduser() / "threefactor"
+
+
+def resolve_root(root: str) -> Path:
+    """``data.root`` as a path: ``$THREEFACTOR_DATA`` (or ``${THREEFACTOR_DATA}``) at its start
+    is ``data_home()``, ``~`` the user's home; anything else is relative to the working directory."""
+    for var in (f"${{{DATA_HOME_VARIABLE}}}", f"${DATA_HOME_VARIABLE}"):
+        if root == var or root.startswith(var + "/"):
+            return data_home() / root[len(var) + 1:]
+    return Path(root).expanduser()
+
+
 def _folder_roots(d: "DataConfig") -> tuple[Path, Path]:
-    root = Path(d.root).expanduser()
+    root = resolve_root(d.root)
     train, test = root / "train", root / "test"
     if train.is_dir() != test.is_dir():
         have, lack = ("train", "test") if train.is_dir() else ("test", "train")
@@ -340,7 +362,13 @@ def _file_dataset(d: "DataConfig", split: str, steps: int, layout: SplitLayout |
     split's classes and sensor) and is checked against it."""
     if d.root is None:
         raise FileNotFoundError(f"data.dataset '{d.dataset}' needs data.root, the folder of its files")
-    root = Path(d.root).expanduser()
+    root = resolve_root(d.root)
+    if not root.exists() and not d.download and DATA_HOME_VARIABLE in d.root:
+        raise FileNotFoundError(
+            f"{root} does not exist: data.root {d.root!r} is under {DATA_HOME_VARIABLE}, which is "
+            f"{'set to ' + os.environ[DATA_HOME_VARIABLE] if os.environ.get(DATA_HOME_VARIABLE) else 'not set'}; "
+            f"point {DATA_HOME_VARIABLE} at the folder that holds your datasets, or set data.root "
+            "(or data.download: true where the dataset has a download)")
     window: list = []
     if d.dataset == "nmnist":
         from .nmnist import NMNIST
