@@ -241,14 +241,14 @@ def plot_regression(
     """Fig. 1 (right): each layer's readout against its target, and the top layer's neurons."""
     import numpy as np
 
-    from .plots import _figure, _save, draw_state_axes, record_states
+    from .plots import new_figure, save_figure, draw_state_axes, record_states
 
     recs = record_states(network, x)
     y = readouts_over_time(network, x).numpy()
     tg = targets.numpy()
     steps = x.shape[0]
     t = np.arange(steps)
-    fig = _figure(13, 9.5)
+    fig = new_figure(13, 9.5)
     left, right = fig.subfigures(1, 2, width_ratios=[1, 1.15])
     names = ("ramp", "high-frequency sine", "low-frequency sine")
     axes = left.subplots(4, 1, sharex=True)
@@ -281,4 +281,4 @@ def plot_regression(
     ax.set(xlabel="presentation (epoch)", ylabel="training MSE", title="learning")
     ax.grid(alpha=0.25)
     fig.suptitle(f"DECOLLE regression (Sec. 3.1, Fig. 1): {result.seconds:.0f} s of training")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -37,13 +37,14 @@ PLOT_FILES = ("error_curves.png", "filters.png", "neuron_states.png", "input_eve
 _LAYER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas (no display, no global backend change)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """PNG written to a uniquely named temporary file and renamed: a reader never sees half a
     picture, and two writers (a run ending, ``threefactor plot``) never share a temporary file."""
     path = Path(path)
@@ -79,7 +80,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_error_curves(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    fig = _figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_err, ax_loss = fig.subplots(1, 2)
     layers = sorted({r["layer"] for r in rows if "layer" in r})
     for layer in layers:
@@ -106,7 +107,7 @@ def plot_error_curves(rows: Sequence[dict], path: str | Path, title: str = "") -
     test_last = {r["layer"]: r for r in rows if r.get("split") == "test"}
     summary = "  ".join(f"L{k}: {100 * (1 - r['accuracy']):.1f}%" for k, r in sorted(test_last.items()))
     fig.suptitle((title + "   " if title else "") + (f"last test error {summary}" if summary else ""))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- Fig. 5: first-layer filters ------------------------------------------------------------
@@ -126,13 +127,13 @@ def plot_filters(network, input_shape: Sequence[int], path: str | Path, max_filt
         kind = "receptive fields"
     else:  # dense on a flat input
         w = w[:max_filters]
-        fig = _figure(9, 4.5)
+        fig = new_figure(9, 4.5)
         ax = fig.subplots()
         vmax = float(w.abs().max()) or 1.0
         im = ax.imshow(w.numpy(), aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
         ax.set(xlabel="input", ylabel="neuron", title=f"layer 1 weights (first {len(w)} neurons)")
         fig.colorbar(im, ax=ax, shrink=0.8)
-        return _save(fig, path)
+        return save_figure(fig, path)
     w = w[:max_filters]
     n, channels = w.shape[0], w.shape[1]
     cols = math.ceil(math.sqrt(n))
@@ -142,7 +143,7 @@ def plot_filters(network, input_shape: Sequence[int], path: str | Path, max_filt
     width_ratios = []
     for c in range(channels):
         width_ratios += [1.0] * cols + ([0.35] if c < channels - 1 else [])
-    fig = _figure(1.1 * len(width_ratios) + 1.2, 1.1 * rows + 0.9)
+    fig = new_figure(1.1 * len(width_ratios) + 1.2, 1.1 * rows + 0.9)
     axes = np.array(fig.subplots(rows, len(width_ratios), width_ratios=width_ratios, squeeze=False))
     im = None
     for ax in axes.ravel():
@@ -156,7 +157,7 @@ def plot_filters(network, input_shape: Sequence[int], path: str | Path, max_filt
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, label="weight")
     fig.suptitle(f"layer 1: {n} learned {kind} per input polarity (cf. Fig. 5)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- Fig. 1: neuron states over time --------------------------------------------------------
@@ -295,7 +296,7 @@ def plot_neuron_states(
     """Fig. 1 for one sample ``x`` (T, ...) whose steps are ``dt_ms`` long."""
     recs = record_states(network, x)
     n_layers = len(recs)
-    fig = _figure(4.3 * n_layers + 0.5, 11)
+    fig = new_figure(4.3 * n_layers + 0.5, 11)
     axes = np.array(fig.subplots(5, n_layers, sharex=True, squeeze=False))
     for i, rec in enumerate(recs):
         col = axes[:, i]
@@ -318,7 +319,7 @@ def plot_neuron_states(
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"states of a few neurons over one test sample (class {classes[label]!r}; "
                  "grey band: burn-in), cf. Fig. 1")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- the input ------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def plot_input_events(frames: Tensor, label: int, classes: Sequence[str], path: 
         return _plot_input_raster(f.reshape(f.shape[0], -1), label, classes, path, dt_ms)
     steps, channels = f.shape[0], f.shape[1]
     names = _channel_names(channels)
-    fig = _figure(3.0 * max(n_snapshots, channels + 2) * 0.75, 6.8)
+    fig = new_figure(3.0 * max(n_snapshots, channels + 2) * 0.75, 6.8)
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
     axes = top.subplots(1, channels + 1, width_ratios=[1] * channels + [1.8])
     cmaps = ["Blues", "Reds"] if channels == 2 else ["viridis"] * channels
@@ -369,13 +370,13 @@ def plot_input_events(frames: Tensor, label: int, classes: Sequence[str], path: 
         ax.set_axis_off()
     bottom.suptitle("snapshots (red: ON, blue: OFF)" if channels == 2 else "snapshots", fontsize=10)
     fig.suptitle(f"an input sample: class {classes[label]!r}, {steps} steps of {dt_ms:g} ms")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_input_raster(f: np.ndarray, label: int, classes: Sequence[str], path: str | Path,
                        dt_ms: float = 1.0) -> Path:
     """(T, N) counts of a non-image input: channels over time, and events per ms."""
-    fig = _figure(11, 6)
+    fig = new_figure(11, 6)
     ax_r, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     t, ch = np.nonzero(f > 0)
     t = dt_ms * t
@@ -387,7 +388,7 @@ def _plot_input_raster(f: np.ndarray, label: int, classes: Sequence[str], path: 
         ax.grid(alpha=0.3)
     fig.suptitle(f"an input sample: class {classes[label]!r}, {int(f.sum())} events in "
                  f"{f.shape[0]} steps of {dt_ms:g} ms")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- a whole run ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nir_export import POOL_KEY, NIRError, _meta_value, _nir, _read, from_nir
+from .nir_export import POOL_KEY, NIRError, meta_value, import_nir, read_graph, from_nir
 
 __all__ = ["IMPORTERS", "ImporterResult", "CheckReport", "check_nir", "nirtorch_node_map", "format_report"]
 
@@ -74,7 +74,7 @@ class _Threshold(nn.Module):
     def __init__(self, node) -> None:
         super().__init__()
         self.register_buffer("threshold", torch.as_tensor(np.asarray(node.threshold), dtype=torch.float32))
-        self.at_or_above = _meta_value(node.metadata or {}, "comparison", ">") == ">="
+        self.at_or_above = meta_value(node.metadata or {}, "comparison", ">") == ">="
 
     def forward(self, x):
         return (x >= self.threshold if self.at_or_above else x > self.threshold).to(x.dtype)
@@ -120,7 +120,7 @@ def _affine(node) -> nn.Linear:
 def _sum_pool(node) -> nn.Module:
     k = tuple(int(i) for i in np.asarray(node.kernel_size).reshape(-1))
     s = tuple(int(i) for i in np.asarray(node.stride).reshape(-1))
-    if _meta_value(node.metadata or {}, POOL_KEY) == "max":  # threefactor's mark: NIR has no max pool
+    if meta_value(node.metadata or {}, POOL_KEY) == "max":  # threefactor's mark: NIR has no max pool
         return nn.MaxPool2d(k, s)
     return nn.LPPool2d(1, k, s)
 
@@ -131,7 +131,7 @@ def nirtorch_node_map(dt: float) -> dict:
     Flatten), as NIR defines them and with the graph's stated discretisation. The
     ``threefactor_pool = "max"`` mark of a SumPool2d is read as max pooling: nothing else in
     NIR expresses a max-pooled membrane."""
-    nir = _nir()
+    nir = import_nir()
     return {
         nir.LI: lambda n: _LI(n, dt),
         nir.Threshold: _Threshold,
@@ -168,7 +168,7 @@ def _import(graph, importer: str) -> tuple[nn.Module, Callable[[nn.Module], None
     """The imported module and a function that resets its state before a new batch."""
     import warnings
 
-    dt = float(_meta_value(graph.metadata, "dt"))
+    dt = float(meta_value(graph.metadata, "dt"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nirtorch's deprecation of the API Norse uses
         if importer == "norse":
@@ -199,11 +199,11 @@ def _one_output(graph):
     """``graph`` with one Output, the last layer's readout (or its spikes without readouts):
     nirtorch's nir_to_torch never returns on a graph with more. The branches that fed only
     the other outputs go with them."""
-    nir = _nir()
+    nir = import_nir()
     outputs = [k for k, n in graph.nodes.items() if isinstance(n, nir.Output)]
     if len(outputs) <= 1:
         return graph
-    last = f"readout{int(_meta_value(graph.metadata, 'n_layers')) - 1}"
+    last = f"readout{int(meta_value(graph.metadata, 'n_layers')) - 1}"
     drop = set(outputs) - {last if last in outputs else "output"}
     while True:
         succ: dict[str, set] = {k: set() for k in graph.nodes}
@@ -293,17 +293,17 @@ def check_nir(
     from ..data.splits import SplitLayout
     from ..train import RunError, load_checkpoint, load_split
 
-    graph, label = _read(nir_path)
+    graph, label = read_graph(nir_path)
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
-    mode = str(_meta_value(meta, "mode", "?"))
-    dialect = str(_meta_value(meta, "dialect", "?"))
+    mode = str(meta_value(meta, "mode", "?"))
+    dialect = str(meta_value(meta, "dialect", "?"))
     try:
         network, cfg, payload = load_checkpoint(run)
     except RunError as err:
         raise NIRError(str(err)) from None
     network.eval()
-    if int(_meta_value(meta, "n_layers", -1)) != len(network.layers):
-        raise NIRError(f"{label}: has {_meta_value(meta, 'n_layers')} layers, the run {run} has {len(network.layers)}")
+    if int(meta_value(meta, "n_layers", -1)) != len(network.layers):
+        raise NIRError(f"{label}: has {meta_value(meta, 'n_layers')} layers, the run {run} has {len(network.layers)}")
     layout = None
     if payload.get("sensor_size") is not None:
         layout = SplitLayout(tuple(payload["classes"]), tuple(payload["sensor_size"]), "the checkpoint")

@@ -83,6 +83,9 @@ __all__ = [
     "from_nir",
     "add_export_arguments",
     "export_cli",
+    "import_nir",
+    "meta_value",
+    "read_graph",
 ]
 
 FORMAT = "threefactor-decolle"
@@ -113,7 +116,8 @@ class NIRDtWarning(UserWarning):
     """An explicit dt that differs from the run's own (data.dt_us)."""
 
 
-def _nir():
+def import_nir():
+    """The ``nir`` package, or NIRError in one sentence where it is not installed."""
     try:
         import nir
     except ImportError:  # pragma: no cover - nir is installed in the dev environment
@@ -251,7 +255,7 @@ def export_nir(
     object. A portable graph that its dialect's importer could not run raises
     :class:`NIRError` before anything is written.
     """
-    nir = _nir()
+    nir = import_nir()
     if mode not in MODES:
         raise NIRError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "exact" and dialect is not None:
@@ -346,7 +350,7 @@ _IMPORTER_NODES = {
 def importer_problems(graph: "nir.NIRGraph", importer: str) -> list[str]:
     """What keeps ``importer`` (``"norse"`` or ``"snntorch"``) from running ``graph`` as NIR
     means it, one phrase each; empty when nothing does."""
-    nir = _nir()
+    nir = import_nir()
     if importer not in _IMPORTER_NODES:
         raise NIRError(f"importer must be one of {', '.join(_IMPORTER_NODES)}, got {importer!r}")
     problems: list[str] = []
@@ -698,8 +702,9 @@ def _label(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else "NIR graph"
 
 
-def _read(source: Any) -> tuple["nir.NIRGraph", str]:
-    nir = _nir()
+def read_graph(source: Any) -> tuple["nir.NIRGraph", str]:
+    """(graph, label for messages) of a NIR file or graph; NIRError in one sentence otherwise."""
+    nir = import_nir()
     if isinstance(source, nir.NIRGraph):
         return source, "NIR graph"
     if not isinstance(source, (str, Path)):
@@ -717,7 +722,8 @@ def _read(source: Any) -> tuple["nir.NIRGraph", str]:
     return graph, str(path)
 
 
-def _meta_value(meta: dict, key: str, default: Any = None) -> Any:
+def meta_value(meta: dict, key: str, default: Any = None) -> Any:
+    """``meta[key]`` as a plain Python value (NIR files hand back bytes and 0-d arrays)."""
     v = meta.get(key, default)
     if isinstance(v, bytes):
         v = v.decode("utf8")
@@ -777,19 +783,19 @@ def from_nir(
     last in a portable graph) gets a readout with 0 outputs. Raises :class:`NIRError` (a ``ValueError``) for files that are
     not NIR and graphs with nodes a DECOLLE network cannot hold.
     """
-    nir = _nir()
-    graph, label = _read(source)
+    nir = import_nir()
+    graph, label = read_graph(source)
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
-    fmt = _meta_value(meta, "format")
+    fmt = meta_value(meta, "format")
     if fmt is not None and fmt != FORMAT:
         raise NIRError(f"{label}: metadata format {fmt!r} is not {FORMAT!r}")
     if dt is None:
-        dt = _meta_value(meta, "dt")
+        dt = meta_value(meta, "dt")
     if dt is None:
         raise NIRError(f"{label}: the graph metadata has no dt; pass dt (seconds per step) to from_nir")
     dt = float(dt)
     if surrogate is None:
-        surrogate = _meta_value(meta, "surrogate", "boxcar")
+        surrogate = meta_value(meta, "surrogate", "boxcar")
     if surrogate not in SURROGATES:
         surrogate = "boxcar"
     g = _Graph(graph, label)
@@ -852,7 +858,7 @@ def _is_side_branch(g: _Graph, nir, spikes: str, key: str) -> bool:
 def _is_readout_affine(g: _Graph, nir, key: str) -> bool:
     node = g.node(key)
     dense = isinstance(node, nir.Affine) or (
-        isinstance(node, nir.Conv2d) and _meta_value(node.metadata or {}, "dense", False))
+        isinstance(node, nir.Conv2d) and meta_value(node.metadata or {}, "dense", False))
     return dense and len(g.succ[key]) > 0 and all(
         isinstance(g.node(s), nir.Output) for s in g.succ[key]
     )
@@ -996,7 +1002,7 @@ def _read_exact_layer(g: _Graph, nir, key: str, in_shape, dt: float, surrogate: 
     pool = 1
     if isinstance(g.node(key), (nir.SumPool2d, nir.AvgPool2d)):
         g.only_pred(key)
-        if _meta_value(g.node(key).metadata, POOL_KEY) != "max":
+        if meta_value(g.node(key).metadata, POOL_KEY) != "max":
             raise g.err(key, f"is {type(g.node(key)).__name__} pooling; a DECOLLE layer pools "
                              f"only by max (metadata {POOL_KEY} = 'max')")
         pool = _pool_kernel(g, nir, key, g.node(key))
@@ -1005,7 +1011,7 @@ def _read_exact_layer(g: _Graph, nir, key: str, in_shape, dt: float, surrogate: 
     thr = g.node(spike_key)
     if not isinstance(thr, nir.Threshold):
         raise g.err(spike_key, "stands where the layer's Threshold belongs")
-    comparison = _meta_value(thr.metadata or {}, "comparison", ">=")
+    comparison = meta_value(thr.metadata or {}, "comparison", ">=")
     if comparison not in (">=", ">"):
         raise g.err(spike_key, f"compares with {comparison!r}; expected '>=' or '>'")
     # the refractory loop: Threshold -> LI (R) -> Scale (-rho) -> Threshold
@@ -1030,7 +1036,7 @@ def _read_exact_layer(g: _Graph, nir, key: str, in_shape, dt: float, surrogate: 
     refractory = DecolleParams().refractory  # the same dynamics either way without a pool
     # a plain sum pool of the spikes (no max marker) followed by Threshold(1/2) is their OR
     or_pool = [k for k in g.succ[spike_key] if isinstance(g.node(k), nir.SumPool2d)
-               and _meta_value(g.node(k).metadata or {}, POOL_KEY) != "max"]
+               and meta_value(g.node(k).metadata or {}, POOL_KEY) != "max"]
     if or_pool:  # neurons -> SumPool2d -> Threshold(1/2): the refractory trace is before the pool
         if pool > 1:
             raise g.err(or_pool[0], "pools a layer that is already max-pooled")
@@ -1069,7 +1075,7 @@ def _fold_threshold(g: _Graph, key: str, layer: DecolleLayer, threshold: np.ndar
 
 
 def _role(g: _Graph, key: str) -> str | None:
-    return _meta_value(g.node(key).metadata or {}, ROLE_KEY)
+    return meta_value(g.node(key).metadata or {}, ROLE_KEY)
 
 
 def _next(g: _Graph, key: str) -> str:
@@ -1098,17 +1104,17 @@ def _read_portable_layer(g: _Graph, nir, key: str, in_shape, surrogate: str):
             or any(k not in nm for k in _LAYER_META):
         raise g.err(key, "lacks the threefactor metadata (alpha, beta, gamma, rho, ordering, "
                          "refractory, spike_at_zero, pool) that restores a DECOLLE layer")
-    ordering, refractory = _meta_value(nm, "ordering"), _meta_value(nm, "refractory")
+    ordering, refractory = meta_value(nm, "ordering"), meta_value(nm, "refractory")
     if ordering not in ORDERINGS:
         raise g.err(key, f"has ordering {ordering!r} in its metadata; valid: {', '.join(ORDERINGS)}")
     if refractory not in REFRACTORY_PLACEMENTS:
         raise g.err(key, f"has refractory {refractory!r} in its metadata; valid: {', '.join(REFRACTORY_PLACEMENTS)}")
     params = DecolleParams(
-        alpha=float(_meta_value(nm, "alpha")), beta=float(_meta_value(nm, "beta")),
-        gamma=float(_meta_value(nm, "gamma")), rho=float(_meta_value(nm, "rho")), ordering=ordering,
-        refractory=refractory, spike_at_zero=bool(_meta_value(nm, "spike_at_zero")),
+        alpha=float(meta_value(nm, "alpha")), beta=float(meta_value(nm, "beta")),
+        gamma=float(meta_value(nm, "gamma")), rho=float(meta_value(nm, "rho")), ordering=ordering,
+        refractory=refractory, spike_at_zero=bool(meta_value(nm, "spike_at_zero")),
     )
-    if _meta_value(nm, "dense", False):  # a dense layer written as a Conv2d covering its input map
+    if meta_value(nm, "dense", False):  # a dense layer written as a Conv2d covering its input map
         w = np.asarray(syn_node.weight, dtype=np.float32)
         synapse = nn.Linear(math.prod(w.shape[1:]), w.shape[0])
         with torch.no_grad():
@@ -1119,7 +1125,7 @@ def _read_portable_layer(g: _Graph, nir, key: str, in_shape, surrogate: str):
         if isinstance(syn_node, nir.Affine) and len(in_shape) > 1:
             in_shape = (math.prod(in_shape),)
         synapse = _torch_synapse(g, nir, key, syn_node, in_shape)
-    pool = int(_meta_value(nm, "pool"))
+    pool = int(meta_value(nm, "pool"))
     layer = DecolleLayer(synapse, params, pool, surrogate)
     out_shape = tuple(layer.output_shape(tuple(in_shape)))
     key = neurons_key
