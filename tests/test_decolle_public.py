@@ -83,10 +83,15 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def state_difference(decolle, name: str, zero_bias: bool = False) -> tuple[float, float]:
+def state_difference(decolle, name: str, zero_bias: bool = False,
+                     spike_function=None) -> tuple[float, float]:
     """Max |ours - theirs| over 30 steps of P, Q, R, U and the readouts of every layer (spikes
-    must be equal: asserted here), and the mean spike rate over layers and steps."""
+    must be equal: asserted here), and the mean spike rate over layers and steps.
+    ``spike_function``: their neurons' ``sg_function`` instead of ``FastSigmoid``."""
     theirs = authors_net(decolle, name)
+    if spike_function is not None:
+        for lif in theirs.LIF_layers:
+            lif.sg_function = spike_function
     if zero_bias:  # U = 0 exactly while P is still 0: spikes in ours only if U = 0 counts
         with torch.no_grad():
             for lif in theirs.LIF_layers:
@@ -122,6 +127,19 @@ def test_every_state_equals_theirs_step_by_step(decolle, name):
 
 def test_a_membrane_of_exactly_zero_is_no_spike_as_in_theirs(decolle):
     worst, _ = state_difference(decolle, "pooled", zero_bias=True)
+    assert worst <= 1e-12
+
+
+def test_their_boxcar_neurons_convert_too(decolle):
+    """Their SmoothStep spikes on U >= 0 with a boxcar derivative: ``boxcar``, spike_at_zero."""
+    from decolle.base_model import smooth_step
+
+    theirs = authors_net(decolle, "dense")
+    for lif in theirs.LIF_layers:
+        lif.sg_function = smooth_step
+    ours = from_decolle(theirs)
+    assert all(layer.surrogate == "boxcar" and layer.params.spike_at_zero for layer in ours.layers)
+    worst, _ = state_difference(decolle, "pooled", zero_bias=True, spike_function=smooth_step)
     assert worst <= 1e-12
 
 

@@ -104,7 +104,7 @@ def _from_module(model: nn.Module) -> DecolleNetwork:
         if not isinstance(readout, nn.Linear):
             raise DecolleImportError(f"from_decolle: readout_layers[{i}] is {type(readout).__name__}, "
                                      "not a fixed nn.Linear (lc_ampl was None?)")
-        readouts.append(_readout(readout.weight, readout.bias))
+        readouts.append(LocalReadout.from_weights(readout.weight, readout.bias))
         dropouts.append(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
     return DecolleNetwork(layers, readouts, _one_dropout(dropouts)).train()
 
@@ -224,7 +224,7 @@ def _from_state_dict(state: Mapping[str, Tensor], params: Mapping[str, Any]) -> 
         g = state.get(f"readout_layers.{i}.weight")
         if g is None:
             raise DecolleImportError(f"from_decolle: the state_dict has no readout_layers.{i}.weight")
-        readouts.append(_readout(g, state.get(f"readout_layers.{i}.bias")))
+        readouts.append(LocalReadout.from_weights(g, state.get(f"readout_layers.{i}.bias")))
     return DecolleNetwork(layers, readouts, _one_dropout(dropouts[:n])).train()
 
 
@@ -255,17 +255,6 @@ def _authors_params(alpha: Any, beta: Any, alpharp: Any, wrp: Any, at_zero: bool
 
     return DecolleParams(alpha=f32(alpha), beta=f32(beta), gamma=float(alpharp), rho=float(wrp),
                          ordering="lagged", refractory="before_pool", spike_at_zero=at_zero)
-
-
-def _readout(weight: Tensor, bias: Tensor | None) -> LocalReadout:
-    g = weight.detach()
-    readout = LocalReadout(g.shape[1], g.shape[0], bias=bias is not None).to(g.device, g.dtype)
-    with torch.no_grad():
-        readout.g.copy_(g)
-        readout.h.copy_(g)
-        if bias is not None:
-            readout.bias.copy_(bias.detach())
-    return readout
 
 
 def _one_dropout(ps: list[float]) -> float:

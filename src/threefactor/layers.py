@@ -199,6 +199,19 @@ class LocalReadout(nn.Module):
         self.register_buffer("bias", b)
         self._hwc_cache: tuple | None = None
 
+    @classmethod
+    def from_weights(cls, g: Tensor, bias: Tensor | None = None) -> "LocalReadout":
+        """The readout with the given G (classes, fan_in) and bias, on their device and dtype
+        (no feedback alignment: H = G)."""
+        g = g.detach()
+        readout = cls(g.shape[1], g.shape[0], bias=bias is not None).to(g.device, g.dtype)
+        with torch.no_grad():
+            readout.g.copy_(g)
+            readout.h.copy_(g)
+            if bias is not None:
+                readout.bias.copy_(bias.detach())
+        return readout
+
     def matched(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``s`` flattened (B, N) without copying, and G and H with their columns in the same order.
 

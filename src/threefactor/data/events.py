@@ -20,7 +20,7 @@ def make_events(x, y, t, p) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the sensor's bounds
 # A sensor (W, H, P) holds x in [0, W), y in [0, H) and p in [0, P); a sensor of one polarity
-# channel counts both polarities (0 and 1) in it, as Tonic's ToFrame does.
+# channel counts both polarities (0 and 1) in it.
 
 
 def polarity_limit(n_polarities: int) -> int:

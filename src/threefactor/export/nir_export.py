@@ -885,13 +885,8 @@ def _read_readout(g: _Graph, nir, spikes: str, out_shape) -> LocalReadout | None
     bias = np.asarray(node.bias, dtype=np.float32).reshape(-1)
     if bias.shape != (weight.shape[0],):
         raise g.err(found[0], f"has bias shape {bias.shape}, not ({weight.shape[0]},)")
-    readout = LocalReadout(n_in, weight.shape[0], bias=bool(np.any(bias != 0)))
-    with torch.no_grad():
-        readout.g.copy_(torch.from_numpy(weight))
-        readout.h.copy_(readout.g)
-        if readout.bias is not None:
-            readout.bias.copy_(torch.from_numpy(bias))
-    return readout
+    return LocalReadout.from_weights(torch.from_numpy(weight),
+                                     torch.from_numpy(bias) if np.any(bias != 0) else None)
 
 
 def _decay(g: _Graph, key: str, tau: Any, dt: float, what: str, exact: Any) -> float:
