@@ -90,9 +90,9 @@ def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
 
 def build_ours(net: PaperNet, rule: str = "decolle", **kw):
     """(network, optimizer, rule) of ``threefactor`` for ``net``, as ``threefactor train`` builds them."""
-    from threefactor.network import build_network
+    from threefactor.model.network import build_network
     from threefactor.rules import make_rule
-    from threefactor.train import make_optimizer
+    from threefactor.run.from_config import make_optimizer
 
     cfg = paper_config(net, rule, **kw)
     network = build_network(cfg.network, net.input_shape, net.n_classes, cfg.seed)
@@ -368,13 +368,13 @@ ALLOCATORS = ("retain", "default")
 
 def worker_setup(threads: int, allocator: str = "retain") -> None:
     """Threads and malloc policy of a measuring process, the same for every implementation:
-    ``retain`` is what ``threefactor.train`` runs with (``allocator.retain_freed_memory``),
+    ``retain`` is what ``threefactor.run.from_config`` runs with (``allocator.retain_freed_memory``),
     ``default`` leaves glibc as it is."""
     import torch
 
     torch.set_num_threads(threads)
     if allocator == "retain":
-        from threefactor.allocator import retain_freed_memory
+        from threefactor.run.allocator import retain_freed_memory
 
         retain_freed_memory()
     elif allocator != "default":

@@ -85,9 +85,9 @@ def worker(args) -> dict:
     import torch
 
     from threefactor.config import load_config
-    from threefactor.network import build_network, lsuv_init
+    from threefactor.model.network import build_network, lsuv_init
     from threefactor.rules import make_rule
-    from threefactor.train import evaluate, load_data, make_optimizer, make_scheduler, resolve_device
+    from threefactor.run.from_config import evaluate, load_data, make_optimizer, make_scheduler, resolve_device
 
     name = args.worker
     rule_over = list(RULES[name])

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from threefactor.config import load_config
-    from threefactor.train import load_data
+    from threefactor.run.from_config import load_data
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.count_baseline")
     parser.add_argument("--config")

@@ -8,7 +8,7 @@ Trains the default configuration (``threefactor train`` with no arguments: the e
 dataset's default network, T = 60 steps with 10 of burn-in, global batch 32) on the cpu for
 ``--batches`` batches after ``--warmup`` batches, exactly as the trainer does: every global
 batch is split into contiguous shares, one per process, and the models are kept in step by
-``threefactor.distributed.Synchroniser`` (gloo on 127.0.0.1). Configurations:
+``threefactor.run.collective.Synchroniser`` (gloo on 127.0.0.1). Configurations:
 
 - 1 process (no process group);
 - N processes, ``exact``: the gradients all-reduced before every optimiser step (one flat buffer);
@@ -47,9 +47,9 @@ def worker(spec: dict) -> None:
 
     from threefactor import distributed as D
     from threefactor.config import load_config
-    from threefactor.network import build_network, lsuv_init
+    from threefactor.model.network import build_network, lsuv_init
     from threefactor.rules import make_rule
-    from threefactor.train import load_split, make_optimizer
+    from threefactor.run.from_config import load_split, make_optimizer
 
     torch.set_num_threads(spec["threads"])
     n_batches = spec["warmup"] + spec["batches"]

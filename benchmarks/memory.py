@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--allocator", default="default", choices=H.ALLOCATORS,
                    help="malloc policy of every run: default (glibc as it is) or retain (as "
-                        "threefactor.train runs, allocator.retain_freed_memory) (default)")
+                        "threefactor.run.from_config runs, allocator.retain_freed_memory) (default)")
     p.add_argument("--max-gb", type=float, default=6.0, help="skip points predicted above this (6)")
     p.add_argument("--max-run-s", type=float, default=400.0, help="skip points predicted to run longer (400)")
     p.add_argument("--repeats", type=int, default=2, help="runs per point when it is quick (2)")

@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                         "closed form with rule.compile=true), theirs (decolle==0.2)")
     p.add_argument("--allocator", default="retain", choices=H.ALLOCATORS,
                    help="malloc policy of every measuring process, ours and theirs alike: retain "
-                        "(as threefactor.train runs, allocator.retain_freed_memory) or default "
+                        "(as threefactor.run.from_config runs, allocator.retain_freed_memory) or default "
                         "(glibc as it is) (retain)")
     p.add_argument("--target-s", type=float, default=3.0, help="seconds per timed sequence (3)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement (600)")

@@ -10,7 +10,7 @@ import pytest
 
 CHILD = textwrap.dedent("""
     import resource, sys, torch
-    from threefactor.allocator import retain_freed_memory
+    from threefactor.run.allocator import retain_freed_memory
     if sys.argv[1] == "retain":
         assert retain_freed_memory()
     else:  # glibc's starting thresholds, without its adaptation (which depends on history)

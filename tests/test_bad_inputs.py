@@ -43,7 +43,8 @@ from threefactor.data.base import EventDataset
 from threefactor.data.events import first_outside_sensor, inside_sensor, make_events
 from threefactor.data.gesture import read_segments_csv
 from threefactor.data.transforms import to_frame
-from threefactor.train import CHECKPOINT_FORMAT, RunError, _seal, read_checkpoint
+from threefactor.errors import RunError
+from threefactor.run.checkpoint import CHECKPOINT_FORMAT, _seal, read_checkpoint
 
 RUN = "run"  # the run directory of a row, under its temporary folder
 COMMON = [
@@ -164,7 +165,7 @@ def _nothing_left(tmp: Path) -> None:
 
 
 def _good_checkpoint_kept(tmp: Path) -> None:
-    from threefactor.train import load_checkpoint
+    from threefactor.run.checkpoint import load_checkpoint
 
     network, _, payload = load_checkpoint(tmp / RUN)
     assert payload["progress"]["batches_total"] == 0  # the initial weights, before the blow-up
@@ -387,7 +388,7 @@ def _rows_kept(tmp: Path) -> None:
 
 
 def _test_labels_are(tmp: Path, names: list[str]) -> None:
-    from threefactor.train import load_data
+    from threefactor.run.from_config import load_data
 
     cfg = load_config(tmp / RUN / "config.yaml")
     train, test = load_data(cfg)

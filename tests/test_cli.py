@@ -13,7 +13,7 @@ import yaml
 
 from threefactor.cli import main
 from threefactor.config import dump_config, load_config
-from threefactor.train import evaluate, load_checkpoint, load_data
+from threefactor.run.from_config import evaluate, load_checkpoint, load_data
 
 TINY = [
     "data.n_train=16", "data.n_test=8", "data.timesteps=12", "rule.burn_in=2",

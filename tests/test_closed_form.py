@@ -2,7 +2,7 @@
 
 It must follow the autograd path update for update (float64) for every surrogate, loss,
 ordering, pooling, dense layer, feedback alignment, regulariser and dropout; the lean
-``threefactor.optim.Adamax`` must be torch's Adamax; and it must keep no graph and a state that
+``threefactor.run.optim.Adamax`` must be torch's Adamax; and it must keep no graph and a state that
 does not grow with T.
 """
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from threefactor.config import LayerConfig, NetworkConfig, NeuronConfig
-from threefactor.layers import LocalReadout
-from threefactor.network import build_network
-from threefactor.optim import Adamax
+from threefactor.model.layers import LocalReadout
+from threefactor.model.network import build_network
+from threefactor.run.optim import Adamax
 from threefactor.rules import LOSSES, DecolleRule, ErrorTrigger
 
 CASES = [  # surrogate, loss, ordering, feedback alignment, reg1, reg2, dropout, variant

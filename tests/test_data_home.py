@@ -9,7 +9,7 @@ import pytest
 
 from threefactor.config import load_config, presets
 from threefactor.data.splits import data_home, resolve_root
-from threefactor.train import RunError, load_split
+from threefactor.run.from_config import RunError, load_split
 
 
 def test_presets_name_their_data_under_the_data_home():

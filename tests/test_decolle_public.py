@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from threefactor import DecolleRule, export_nir, from_decolle, from_nir, predict_sequence
-from threefactor.decolle_public import DecolleImportError
+from threefactor.model.decolle_public import DecolleImportError
 
 pytestmark = pytest.mark.oracle
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from stall_point import wait_for_marker
 from threefactor.config import load_config
-from threefactor.distributed import shard
-from threefactor.train import read_checkpoint
+from threefactor.run.collective import shard
+from threefactor.run.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -207,7 +207,7 @@ SCRIPT = r'''
 import json, os, sys
 import torch
 import importlib
-T = importlib.import_module("threefactor.train")
+T = importlib.import_module("threefactor.run.from_config")
 from threefactor.config import load_config
 
 built = []
@@ -229,7 +229,7 @@ with open(os.path.join(root, f"summary{rank}.json"), "w") as f:
 UNIT = r'''
 import os, sys
 import torch
-from threefactor.distributed import Synchroniser, init_from_env, teardown
+from threefactor.run.collective import Synchroniser, init_from_env, teardown
 
 info, _ = init_from_env(torch.device("cpu"))
 a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
@@ -334,14 +334,14 @@ def test_a_checkpoint_from_before_the_distributed_settings_still_resumes(tmp_pat
     """Keys newer than a checkpoint's config count as their defaults on --resume."""
     import yaml
 
-    from threefactor.train import _check_resume_config, dump_config
+    from threefactor.run.from_config import _check_resume_config, dump_config
 
     cfg = load_config(None, TINY)
     old = yaml.safe_load(dump_config(cfg))
     del old["distributed"]
     _check_resume_config(cfg, {"config": yaml.safe_dump(old)}, tmp_path)  # no error
     changed = load_config(None, [*TINY, "distributed.sync=periodic"])
-    from threefactor.train import RunError
+    from threefactor.run.from_config import RunError
 
     with pytest.raises(RunError, match="distributed.sync"):
         _check_resume_config(changed, {"config": yaml.safe_dump(old)}, tmp_path)

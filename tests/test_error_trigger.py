@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from threefactor.config import ConfigError, LayerConfig, NetworkConfig, NeuronConfig, load_config
-from threefactor.network import build_network
+from threefactor.model.network import build_network
 from threefactor.rules import DecolleRule, ErrorTrigger, make_rule
 from threefactor.rules import local_loss
 

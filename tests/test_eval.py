@@ -10,8 +10,8 @@ import pytest
 
 from threefactor.cli import main
 from threefactor.config import load_config
-from threefactor.run_eval import evaluate_run
-from threefactor.train import train
+from threefactor.run.evaluate import evaluate_run
+from threefactor.run.from_config import train
 
 TINY = ["data.n_train=24", "data.n_test=12", "data.timesteps=16", "rule.burn_in=3", "train.epochs=1",
         "train.batch_size=12", "train.progress=false", "train.plots=false", "train.tensorboard=false",

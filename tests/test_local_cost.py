@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from threefactor.config import LayerConfig, NetworkConfig, NeuronConfig, load_config
-from threefactor.network import build_network
+from threefactor.model.network import build_network
 from threefactor.rules import DecolleRule, LocalCostError, STLLRRule, predict_sequence
-from threefactor.train import RunError, train
+from threefactor.run.from_config import RunError, train
 
 
 def _net(seed: int = 0, layers=None):
@@ -112,7 +112,7 @@ def test_a_regression_cost_with_a_target_per_step_trains():
 
 def test_stllr_takes_a_user_cost_too():
     from threefactor.config import LIFConfig
-    from threefactor.network import build_lif_network
+    from threefactor.model.network import build_lif_network
 
     cfg = NetworkConfig(layers=[LayerConfig("dense", 10), LayerConfig("dense", 6)], neuron_model="lif",
                         lif=LIFConfig(gamma=0.8, v_th=0.5), init="default", dropout=0.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from threefactor.config import LayerConfig, NetworkConfig
-from threefactor.network import build_network
+from threefactor.model.network import build_network
 from threefactor.rules import BPTTRule, DecolleRule, STLLRRule
 
 

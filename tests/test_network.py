@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from threefactor.config import Config, LayerConfig, NetworkConfig
-from threefactor.layers import LocalReadout
-from threefactor.network import DecolleNetwork, build_network, lsuv_init
+from threefactor.model.layers import LocalReadout
+from threefactor.model.network import DecolleNetwork, build_network, lsuv_init
 from threefactor.rules import DecolleRule, local_loss, regulariser
-from threefactor.train import make_optimizer
+from threefactor.run.from_config import make_optimizer
 
 
 def _cfg(**kw) -> NetworkConfig:

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from threefactor.layers import DecolleLayer
-from threefactor.neurons import (
+from threefactor.model.layers import DecolleLayer
+from threefactor.model.neurons import (
     SURROGATES,
     DecolleParams,
     DecolleState,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 nir = pytest.importorskip("nir", reason="the 'nir' package is not installed")
 
 from threefactor.config import Config, LayerConfig, NetworkConfig, NeuronConfig  # noqa: E402
-from threefactor.export import (  # noqa: E402
+from threefactor.nir import (  # noqa: E402
     NIRApproximationWarning,
     NIRDtWarning,
     NIRError,
@@ -27,7 +27,7 @@ from threefactor.export import (  # noqa: E402
     importer_problems,
     nirtorch_node_map,
 )
-from threefactor.network import DecolleNetwork, build_network  # noqa: E402
+from threefactor.model.network import DecolleNetwork, build_network  # noqa: E402
 
 T = 50  # time steps per simulation
 ARCHS = {
@@ -374,7 +374,7 @@ def test_portable_errors_before_writing(tmp_path):
 
 def _saved_run(tmp_path, dt_us: int = 3000):
     from threefactor.config import DataConfig
-    from threefactor.train import save_checkpoint
+    from threefactor.run.checkpoint import save_checkpoint
 
     layers, shape = ARCHS["conv_dense"]
     cfg = Config(network=NetworkConfig(layers=list(layers)),
@@ -495,7 +495,7 @@ def test_export_errors_are_clear():
 
 
 def test_export_from_run_directory_and_cli(tmp_path, capsys):
-    from threefactor.train import save_checkpoint
+    from threefactor.run.checkpoint import save_checkpoint
 
     layers, shape = ARCHS["conv_dense"]
     # R after the pool: a formulation that portable mode approximates, so the CLI warns
@@ -629,7 +629,7 @@ def test_nirtorch_interpreter_runs_the_exact_graph(tmp_path, ordering, variant):
     inputs); our node map gives only the NIR nodes it has no mapping of. Membranes (the input
     of each Threshold) and spikes match ours."""
     nirtorch = pytest.importorskip("nirtorch", reason="nirtorch is not installed (pip install nirtorch)")
-    from threefactor.export.nir_check import _one_output
+    from threefactor.nir.check import _one_output
 
     net, shape = make_net("conv_dense", ordering, variant=variant)
     path = tmp_path / "e.nir"

@@ -10,8 +10,8 @@ import torch
 
 from threefactor.cli import main
 from threefactor.config import load_config
-from threefactor.plots import PLOT_FILES, plot_filters, read_metrics, record_states
-from threefactor.train import train
+from threefactor.report.plots import PLOT_FILES, plot_filters, read_metrics, record_states
+from threefactor.run.from_config import train
 
 TINY = [
     "data.n_train=16", "data.n_test=8", "data.timesteps=16", "rule.burn_in=2",
@@ -136,7 +136,7 @@ def test_filters_of_a_dense_first_layer_and_neuron_states(tmp_path):
 
 
 def test_inputs_that_are_not_images_are_drawn_as_a_raster(tmp_path):
-    from threefactor.plots import plot_input_events
+    from threefactor.report.plots import plot_input_events
 
     frames = (torch.rand(40, 1, 1, 70) < 0.1).to(torch.uint8)  # SHD-like: channels, no image
     _assert_non_trivial(plot_input_events(frames, 1, ["a", "b"], tmp_path / "raster.png"), min_side=300)

@@ -17,16 +17,11 @@ import torch
 from stall_point import wait_for_marker
 from threefactor.cli import main
 from threefactor.config import load_config
-from threefactor.train import (
-    CHECKPOINT_FORMAT,
-    RunError,
-    _seal,
-    load_checkpoint,
-    read_checkpoint,
-    train,
-)
+from threefactor.errors import RunError
+from threefactor.run.checkpoint import CHECKPOINT_FORMAT, _seal, load_checkpoint, read_checkpoint
+from threefactor.run.from_config import train
 
-train_module = importlib.import_module("threefactor.train")  # the package exports a function "train"
+train_module = importlib.import_module("threefactor.run.from_config")  # the package exports a function "train"
 
 # 16 samples in batches of 4: 4 batches per epoch, 8 in all. Dropout draws from the global RNG,
 # so an exact resume also needs the RNG state back.

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from threefactor.config import LayerConfig, NetworkConfig, NeuronConfig
-from threefactor.layers import DecolleLayer, LocalReadout
-from threefactor.network import build_network
-from threefactor.neurons import (
+from threefactor.model.layers import DecolleLayer, LocalReadout
+from threefactor.model.network import build_network
+from threefactor.model.neurons import (
     SURROGATES,
     DecolleParams,
     DecolleState,

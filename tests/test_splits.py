@@ -13,7 +13,7 @@ from threefactor.config import ConfigError, load_config
 from threefactor.data import splits
 from threefactor.data.nmnist import read_bin
 from threefactor.data.transforms import to_frame
-from threefactor.train import RunError, load_split
+from threefactor.run.from_config import RunError, load_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "nmnist-small"
 needs_nmnist = pytest.mark.skipif(
@@ -76,7 +76,7 @@ def test_missing_recordings_are_one_sentence_naming_where_they_were_looked_for(t
 def test_a_folder_of_own_recordings_trains_end_to_end(tmp_path):
     """The tutorial's last step: train/ and test/ class folders of .npy files, 64 x 64 -> 32 x 32."""
     from threefactor.data.events import make_events
-    from threefactor.train import train
+    from threefactor.run.from_config import train
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 4)):

@@ -18,15 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from threefactor.config import ConfigError, LayerConfig, LIFConfig, NetworkConfig, load_config
-from threefactor.layers import LIFLayer
-from threefactor.network import LIFNetwork, build_network
-from threefactor.neurons import (
+from threefactor.model.layers import LIFLayer
+from threefactor.model.network import LIFNetwork, build_network
+from threefactor.model.neurons import (
     LIF_SURROGATES, SURROGATES, LIFParams, LIFState, lif_psi, lif_spike, lif_step, surrogate_derivative,
 )
 from threefactor.rules import STLLRFactors, STLLRRule, make_rule, predict_sequence
 from threefactor.rules import local_loss
 from threefactor.rules.stllr import eligibility, eligibility_grad, trace_step
-from threefactor.train import make_optimizer
+from threefactor.run.from_config import make_optimizer
 
 F64 = torch.float64
 

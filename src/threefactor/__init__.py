@@ -1,16 +1,17 @@
 """threefactor: online, local learning in spiking neural networks (DECOLLE, S-TLLR)."""
 
 from .config import Config, ConfigError, load_config
-from .decolle_public import from_decolle
-from .export import export_nir, from_nir
-from .layers import DecolleLayer, LIFLayer, LocalReadout
-from .network import DecolleNetwork, NetworkOutput, build_network, lsuv_init
-from .neurons import (
+from .model.decolle_public import from_decolle
+from .nir import export_nir, from_nir
+from .model.layers import DecolleLayer, LIFLayer, LocalReadout
+from .model.network import DecolleNetwork, NetworkOutput, build_network, lsuv_init
+from .model.neurons import (
     DecolleOutput, DecolleParams, DecolleState, LIFParams, LIFState, decolle_step,
     input_trace_step, lif_step, spike, surrogate_derivative,
 )
 from .rules import BPTTRule, DecolleRule, STLLRRule, make_rule, predict_sequence
-from .train import load_checkpoint, train
+from .run.checkpoint import load_checkpoint
+from .run.from_config import train
 
 __version__ = "0.1.0"
 __all__ = [

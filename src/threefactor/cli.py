@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config, presets
-from .export.nir_export import NIRError, add_export_arguments, export_cli
+from .nir.export import NIRError, add_export_arguments, export_cli
 
 
 def _is_main_process() -> bool:
     """False in every process but the first of a torchrun launch (they print nothing)."""
-    from .distributed import DistributedError, env_info
+    from .run.collective import DistributedError, env_info
 
     try:
         return env_info().is_main
@@ -23,7 +23,7 @@ def _is_main_process() -> bool:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import dump_config
-    from .train import train
+    from .run.from_config import train
 
     if args.resume is not None:
         return _resume(args)
@@ -54,7 +54,8 @@ def _resume(args: argparse.Namespace) -> int:
     ``--set`` may change what does not change what the run computes (``RESUMABLE_CHANGES``:
     e.g. ``train.epochs``, which extends a finished run)."""
     from .config import dump_config
-    from .train import RESUMABLE_CHANGES, RunError, train
+    from .errors import RunError
+    from .run.from_config import RESUMABLE_CHANGES, train
 
     run = Path(args.resume)
     given = [flag for flag, value in (("--config", args.config), ("--seed", args.seed)) if value]
@@ -92,7 +93,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import plot_run
+    from .report.plots import plot_run
 
     paths = plot_run(args.run_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -100,7 +101,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .run_eval import evaluate_run, plot_confusion
+    from .run.evaluate import evaluate_run, plot_confusion
 
     result = evaluate_run(args.run_dir, args.set or [], args.device)
     print(f"{result.samples} test samples, {len(result.classes)} classes")
@@ -114,7 +115,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demos import run_regression
-    from .train import RunError
+    from .errors import RunError
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("regression-%Y%m%d-%H%M%S")
     kwargs = {k: v for k, v in (("epochs", args.epochs), ("hidden", args.hidden),
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import RunError
+    from .errors import RunError
 
     args = build_parser().parse_args(argv)
     try:

@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from .errors import ConfigError
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string; accept it where a number is expected.
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .config import LayerConfig, NetworkConfig, NeuronConfig
-from .network import DecolleNetwork, build_network, lsuv_init
+from .model.network import DecolleNetwork, build_network, lsuv_init
 from .rules.decolle import DecolleRule
 
 
@@ -241,7 +241,7 @@ def plot_regression(
     """Fig. 1 (right): each layer's readout against its target, and the top layer's neurons."""
     import numpy as np
 
-    from .plots import new_figure, save_figure, draw_state_axes, record_states
+    from .report.plots import new_figure, save_figure, draw_state_axes, record_states
 
     recs = record_states(network, x)
     y = readouts_over_time(network, x).numpy()

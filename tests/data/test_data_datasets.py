@@ -8,7 +8,7 @@ import torch
 from data_helpers import assert_valid_events
 
 from threefactor.data import gesture, shd
-from threefactor.data.errors import DatasetNotFoundError
+from threefactor.errors import DatasetNotFoundError
 from threefactor.data.events import make_events
 from threefactor.data.folder import EventFolder
 from threefactor.data.gesture import DVSGesture

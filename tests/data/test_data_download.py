@@ -14,7 +14,7 @@ import pytest
 
 from threefactor.data import gesture
 from threefactor.data.download import Resource, check_integrity, download_url, extract_archive
-from threefactor.data.errors import DatasetNotFoundError, DownloadError
+from threefactor.errors import DatasetNotFoundError, DownloadError
 from threefactor.data.events import make_events
 from threefactor.data.gesture import DVSGesture
 from threefactor.data.nmnist import NMNIST, encode_bin

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from threefactor.data import gesture, mnist, nmnist, shd
-from threefactor.data.errors import DataFileError, EventFileError
+from threefactor.errors import DataFileError, EventFileError
 from threefactor.data.events import make_events
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

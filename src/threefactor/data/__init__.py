@@ -13,7 +13,7 @@ __all__ = [
 # Event-data layer: readers/writers, datasets, transforms, cache, downloads, saccade simulator.
 from .cache import CachedDataset, cache_key, transform_fingerprint
 from .download import Resource, check_integrity, download_and_extract, download_url, extract_archive
-from .errors import DataFileError, DatasetNotFoundError, DownloadError, EventFileError, UnknownClassError
+from ..errors import DataFileError, DatasetNotFoundError, DownloadError, EventFileError, UnknownClassError
 from .folder import EventFolder, read_events
 from .gesture import DVSGesture, read_aedat, read_labels_csv, read_npy_events, write_aedat, write_gesture_npy, write_labels_csv
 from .mnist import load_mnist, read_idx

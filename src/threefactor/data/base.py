@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import DatasetNotFoundError, EventFileError
+from ..errors import DatasetNotFoundError, EventFileError
 from .events import describe_event, describe_sensor, first_outside_sensor, inside_sensor
 
 SPLITS = ("train", "test")

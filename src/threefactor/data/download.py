@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DownloadError
+from ..errors import DownloadError
 
 _CHUNK = 1 << 20
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import EventDataset, check_outside_sensor, not_found
-from .errors import DataFileError, EventFileError, UnknownClassError
+from ..errors import DataFileError, EventFileError, UnknownClassError
 from .gesture import cut, read_aedat, read_npy_events, read_segments_csv
 from .nmnist import read_bin
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .base import EventDataset, check_outside_sensor, check_split, not_found, sorted_files
 from .download import Resource, download_and_extract
-from .errors import DataFileError, EventFileError
+from ..errors import DataFileError, EventFileError
 from .events import EVENT_DTYPE, make_events
 
 SENSOR_SIZE = (128, 128, 2)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import EventDataset, check_outside_sensor, check_split, not_found, sorted_files
 from .download import Resource, download_and_extract
-from .errors import EventFileError
+from ..errors import EventFileError
 from .events import EVENT_DTYPE
 
 SENSOR_SIZE = (34, 34, 2)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import UnknownClassError
+from ..errors import UnknownClassError
 from .events import describe_sensor
 from .transforms import CenterCrop, Compose, Crop, Downsample, RandomTimeSlice, TimeWindow, ToFrame
 

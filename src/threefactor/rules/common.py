@@ -16,6 +16,7 @@ from typing import Callable, Literal, NamedTuple, Protocol, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from ..errors import LocalCostError
 
 LossName = Literal["smooth_l1", "mse", "cross_entropy"]
 LOSSES: tuple[str, ...] = ("smooth_l1", "mse", "cross_entropy")
@@ -38,10 +39,6 @@ class Rule(Protocol):
     def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
         """Learn from ``x`` (B, T, ...) with targets ``labels``; the votes and losses per layer."""
         ...
-
-
-class LocalCostError(ValueError):
-    """A user cost that is not local, or not a cost, in one sentence."""
 
 
 def resolve_loss(loss: Loss | str) -> Loss:

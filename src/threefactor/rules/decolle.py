@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import DecolleLayer, flat_in_memory_order, is_channels_last, keep_mask, unflatten_like
-from ..network import DecolleNetwork, NetworkState
-from ..neurons import (
+from ..model.layers import DecolleLayer, flat_in_memory_order, is_channels_last, keep_mask, unflatten_like
+from ..model.network import DecolleNetwork, NetworkState
+from ..model.neurons import (
     DecolleOutput, DecolleState, fires, input_trace_step, surrogate_derivative,
 )
 from .common import (

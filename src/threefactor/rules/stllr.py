@@ -31,9 +31,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..layers import LIFLayer
-from ..network import LIFNetwork
-from ..neurons import LIF_SURROGATES, LIFState, LIFSurrogate, detach_lif_state
+from ..model.layers import LIFLayer
+from ..model.network import LIFNetwork
+from ..model.neurons import LIF_SURROGATES, LIFState, LIFSurrogate, detach_lif_state
 from .common import Loss, SequenceResult, local_loss, resolve_loss, vote
 
 LearningSignal = Literal["backprop", "dfa", "local"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nir_export import POOL_KEY, NIRError, meta_value, import_nir, read_graph, from_nir
+from .export import POOL_KEY, NIRError, meta_value, import_nir, read_graph, from_nir
 
 __all__ = ["IMPORTERS", "ImporterResult", "CheckReport", "check_nir", "nirtorch_node_map", "format_report"]
 
@@ -291,7 +291,9 @@ def check_nir(
     """Run the graph in ``nir_path`` with each of ``importers`` on the test split of the run
     ``run`` (a run directory or checkpoint), next to the run's network itself."""
     from ..data.splits import SplitLayout
-    from ..train import RunError, load_checkpoint, load_split
+    from ..errors import RunError
+    from ..run.checkpoint import load_checkpoint
+    from ..run.from_config import load_split
 
     graph, label = read_graph(nir_path)
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}

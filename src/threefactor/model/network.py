@@ -8,7 +8,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import NetworkConfig
+from ..config import NetworkConfig
 from .layers import DecolleLayer, LIFLayer, LocalReadout, ReadoutDropout
 from .neurons import DecolleParams, DecolleState, LIFParams
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 
 PLOTS_DIR = "plots"
 PLOT_FILES = ("error_curves.png", "filters.png", "neuron_states.png", "input_events.png")
@@ -422,9 +422,11 @@ def draw_run(
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Redraw the plots of a finished or running run from its checkpoint and metrics.jsonl."""
-    from .train import RunError, load_checkpoint, load_split
+    from ..errors import RunError
+    from ..run.checkpoint import load_checkpoint
+    from ..run.from_config import load_split
 
-    from .data.splits import SplitLayout
+    from ..data.splits import SplitLayout
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -31,12 +31,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from ..errors import DistributedError
 
 SYNC_MODES: tuple[str, ...] = ("exact", "periodic")
-
-
-class DistributedError(RuntimeError):
-    """The distributed environment cannot run this job; one sentence."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from .atomic import TEMP_SUFFIX, write_atomic
+from ..atomic import TEMP_SUFFIX, write_atomic
+from ..errors import RunDirectoryError
 
 try:
     import fcntl
@@ -33,10 +34,6 @@ LOCK_NAME = ".threefactor.lock"
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-class RunDirectoryError(RuntimeError):
-    """A run directory that cannot be used: in use by another run, not writable, not a run."""
 
 
 class RunLock:

@@ -4,7 +4,7 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (
 epoch, split and layer), ``checkpoint.pt`` (everything needed to continue the run exactly),
 ``summary.json`` at the end, ``tensorboard/`` event files and ``plots/`` PNGs.
 
-A run holds an exclusive lock on its directory for its whole life (``threefactor.rundir``): a
+A run holds an exclusive lock on its directory for its whole life (``threefactor.run.directory``): a
 second run into it is refused before it writes anything. A new run that fails before its first
 checkpoint (missing data, no CUDA, a network that does not fit the data) removes what it wrote.
 
@@ -22,7 +22,7 @@ Divergence stops a run before its weights are checkpointed: a loss or weight tha
 Inf, or a layer's loss or weight norm beyond ``train.divergence_factor`` times its running value
 (see ``DivergenceGuard``); the last good checkpoint is kept.
 
-Under ``torchrun`` with more than one process (see ``threefactor.distributed``), every process
+Under ``torchrun`` with more than one process (see ``threefactor.run.collective``), every process
 takes a contiguous share of each batch (``train.batch_size`` is the batch of all processes
 together), the models are kept in step by ``distributed.sync``, metrics are sums over all
 processes, and process 0 alone writes the run directory and logs.
@@ -47,22 +47,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import collective as distributed
 from .allocator import retain_freed_memory
-from .config import Config, config_from_dict, dump_config, to_dict
-from .data.splits import FrameData, SplitLayout
-from .data.splits import load_split as _load_split
-from .data.splits import load_splits as _load_splits
-from .distributed import DistInfo
-from .network import DecolleNetwork, build_network, lsuv_init
+from ..config import Config, config_from_dict, dump_config, to_dict
+from ..data.splits import FrameData, SplitLayout
+from ..data.splits import load_split as _load_split
+from ..data.splits import load_splits as _load_splits
+from .collective import DistInfo
+from ..model.network import DecolleNetwork, build_network, lsuv_init
 from .optim import Adamax
-from .rules.common import SequenceResult, predict_sequence, resolve_loss
-from .rules import make_rule
-from .atomic import write_atomic
-from .rundir import CHECKPOINT_NAME, METRICS_NAME, RunDirectory, RunDirectoryError
+from ..rules.common import SequenceResult, predict_sequence, resolve_loss
+from ..rules import make_rule
+from ..atomic import write_atomic
+from .checkpoint import checkpoint_bytes, parse_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .directory import CHECKPOINT_NAME, METRICS_NAME, RunDirectory, RunDirectoryError
+from ..errors import RunError
 
-CHECKPOINT_FORMAT = "threefactor-checkpoint"
-CHECKPOINT_VERSION = 2
 
 # Settings that may differ between a run's checkpoint and its config.yaml on --resume: they
 # change how long the run goes on or what it writes, not what it computes.
@@ -74,12 +74,6 @@ RESUMABLE_CHANGES = (
 # Test hook: "K:PATH" makes the trainer create PATH and sleep just before it would checkpoint
 # training batch K (counted over the whole run), so a test can kill it at a known point.
 _STALL_ENV = "THREEFACTOR_TEST_STALL"
-
-
-class RunError(RuntimeError):
-    """A problem with the run's inputs or outputs, reported as one sentence."""
-
-    relayed = False  # under torchrun: raised because another process met this problem first
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,159 +212,6 @@ def evaluate(
     n = len(data.labels)
     network.train(network_was_training)
     return (correct / n).tolist(), (loss / n).tolist()
-
-
-# --- checkpoints ------------------------------------------------------------------------
-
-
-# A checkpoint is the zip file torch.save writes, with the sha256 of all its other bytes in
-# the zip's comment field (the last bytes of the file): torch.load still reads it as it is, and
-# any change to any byte, or a truncation, is caught before anything is unpickled.
-_SEAL_TAG = b"threefactor-sha256:"
-_SEAL_LEN = len(_SEAL_TAG) + 64
-_EOCD = b"PK\x05\x06"  # zip end-of-central-directory record (22 bytes + comment)
-
-
-def _seal(data: bytes) -> bytes:
-    if data[-22:-18] != _EOCD or data[-2:] != b"\0\0":
-        raise RuntimeError("torch.save wrote a zip layout this version of threefactor does not know")
-    comment = _SEAL_TAG + hashlib.sha256(data[:-2]).hexdigest().encode()
-    return data[:-2] + len(comment).to_bytes(2, "little") + comment
-
-
-def _seal_ok(data: bytes) -> bool | None:
-    """True: sealed and intact; False: sealed but altered; None: no seal (truncated or foreign)."""
-    n = _SEAL_LEN
-    if (len(data) < n + 22 or not data[-n:].startswith(_SEAL_TAG)
-            or data[-n - 22:-n - 18] != _EOCD or int.from_bytes(data[-n - 2:-n], "little") != n):
-        return None
-    return hashlib.sha256(data[:-n - 2]).hexdigest().encode() == data[-64:]
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    """torch.save, sealed with its sha256, to a uniquely named temporary file; fsync, then
-    rename over ``path`` (the temporary file is removed if anything fails)."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    write_atomic(path, _seal(buf.getvalue()), fsync=True)
-
-
-def save_checkpoint(
-    path: Path,
-    network: DecolleNetwork,
-    optimizer,
-    cfg: Config,
-    epoch: int,
-    data: FrameData,
-    *,
-    scheduler=None,
-    progress: dict | None = None,
-) -> None:
-    """Written to a temporary file and renamed, so a crash never leaves a torn checkpoint.
-
-    ``epoch`` counts completed epochs; ``progress`` holds what a resumed run needs besides the
-    weights and the optimiser (see ``train``).
-    """
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": dump_config(cfg),
-        "input_shape": list(data.input_shape),
-        "classes": list(data.classes),
-        "sensor_size": _sensor_list(data),
-        "epoch": epoch,
-        "model": network.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "progress": progress,
-    }
-    _write_atomic(Path(path), payload)
-
-
-def _sensor_list(data) -> list[int] | None:
-    """The (W, H, P) sensor the data was checked against, when it says (a FrameData does)."""
-    sensor = getattr(data, "sensor_size", None)
-    return None if sensor is None else [int(v) for v in sensor]
-
-
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The verified payload of a checkpoint file or run directory, or RunError in one sentence."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    return _parse_checkpoint(path, _checkpoint_bytes(path), map_location)
-
-
-def _checkpoint_bytes(path: Path) -> bytes:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise RunError(f"{path}: no checkpoint there") from None
-    except OSError as err:
-        raise RunError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
-    if not stat.S_ISREG(mode):
-        # A device (a link to /dev/zero) or a pipe would be read forever.
-        raise RunError(f"{path}: refused, it is {_file_kind(mode)}, not a checkpoint file")
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise RunError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _parse_checkpoint(path: Path, data: bytes, map_location: str | torch.device = "cpu") -> dict:
-    """The verified payload of the bytes ``data`` of the checkpoint file ``path``."""
-    sealed = _seal_ok(data)
-    if sealed is None:
-        raise RunError(
-            f"{path}: refused, the file is truncated or damaged or was not written by this "
-            "threefactor (it does not end with a valid sha256 seal)"
-        )
-    if not sealed:
-        raise RunError(
-            f"{path}: refused, its bytes do not match the sha256 sealed into it (the file was "
-            "altered or corrupted)"
-        )
-    try:
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
-            raise RunError(
-                f"{path}: refused, it holds objects other than tensors and plain data "
-                "(threefactor never unpickles arbitrary objects)"
-            ) from None
-        raise RunError(f"{path}: the checkpoint cannot be read and was refused") from None
-    except Exception:  # torch raises many types for corrupt files
-        raise RunError(f"{path}: the checkpoint cannot be read and was refused") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"{path}: not a threefactor checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise RunError(
-            f"{path}: checkpoint format version {payload.get('version')!r} is not the one this "
-            f"threefactor reads ({CHECKPOINT_VERSION})"
-        )
-    return payload
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DecolleNetwork, Config, dict]:
-    """Network, config and raw payload of a checkpoint; never unpickles arbitrary objects."""
-    import yaml
-
-    payload = read_checkpoint(path, map_location)
-    try:
-        cfg = config_from_dict(yaml.safe_load(payload["config"]), source=f"{path} (config)")
-        network = build_network(cfg.network, tuple(payload["input_shape"]), len(payload["classes"]), cfg.seed)
-        network.load_state_dict(payload["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, yaml.YAMLError):
-        raise RunError(f"{path}: weights do not match the network its config describes") from None
-    return network, cfg, payload
 
 
 # --- the state of a run in progress -------------------------------------------------------
@@ -588,7 +429,7 @@ def train(
 
     With ``resume`` the run in ``out_dir`` continues from its checkpoint (``cfg`` should be the
     run's own config.yaml; see ``RESUMABLE_CHANGES`` for what may differ). Started by torchrun
-    with more than one process, the processes train together (see ``threefactor.distributed``);
+    with more than one process, the processes train together (see ``threefactor.run.collective``);
     process 0 writes ``out_dir`` and calls ``log``, the others write nothing. The process keeps
     the memory it frees (``allocator.retain_freed_memory``), so the buffers every step
     reallocates are not page-faulted in again.
@@ -632,7 +473,7 @@ def _resume_payload(cfg: Config, out: Path, data: bytes | None = None) -> dict:
     if data is None:
         payload = read_checkpoint(ckpt_path)
     else:
-        payload = _parse_checkpoint(ckpt_path, data)
+        payload = parse_checkpoint(ckpt_path, data)
     _check_resume_config(cfg, payload, out)
     if not isinstance(payload.get("progress"), dict):
         raise RunError(f"{ckpt_path}: the checkpoint holds no training progress to resume from")
@@ -699,11 +540,11 @@ def _train_together(cfg: Config, out: Path, log, resume: bool) -> dict:
         closers.append(run_dir.close)
         payload = None
         if not distributed.broadcast_object(run_dir.fresh):
-            data = _together(info, lambda: _checkpoint_bytes(out / CHECKPOINT_NAME) if info.is_main else None)
+            data = _together(info, lambda: checkpoint_bytes(out / CHECKPOINT_NAME) if info.is_main else None)
             payload = _together(info, lambda: _resume_payload(cfg, out, data) if info.is_main else None)
             data = distributed.broadcast_object(data)
             if not info.is_main:
-                payload = _parse_checkpoint(out / CHECKPOINT_NAME, data)
+                payload = parse_checkpoint(out / CHECKPOINT_NAME, data)
             del data
         summary = _run(cfg, out, device, payload, run_dir, log, closers, info)
         distributed.wait_for_all()
@@ -715,7 +556,7 @@ def _train_together(cfg: Config, out: Path, log, resume: bool) -> dict:
 
 def _run(cfg: Config, out: Path, device: torch.device, payload: dict | None, run_dir: RunDirectory,
          log, closers: list, info: DistInfo = distributed.SINGLE) -> dict:
-    from .tensorboard import open_tensorboard
+    from ..report.tensorboard import open_tensorboard
 
     ckpt_path = out / CHECKPOINT_NAME
     metrics_file = run_dir.metrics
@@ -1082,7 +923,7 @@ def _set_rank_rng(progress: dict, info: DistInfo, seed: int, batches_total: int,
 
 def _draw_plots(out: Path, network: DecolleNetwork, cfg: Config, test_data: FrameData, log) -> None:
     try:
-        from .plots import draw_run
+        from ..report.plots import draw_run
     except ImportError:
         log("plots: skipped, matplotlib is not installed (pip install matplotlib)")
         return

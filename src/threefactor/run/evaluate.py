@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_atomic
-from .config import ConfigError, override_config
-from .data.splits import SplitLayout
-from .rules.common import predict_sequence, resolve_loss
-from .train import RunError, load_checkpoint, load_split, resolve_device
+from ..atomic import write_atomic
+from ..config import ConfigError, override_config
+from ..data.splits import SplitLayout
+from ..rules.common import predict_sequence, resolve_loss
+from ..errors import RunError
+from .checkpoint import load_checkpoint
+from .from_config import load_split, resolve_device
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Export of trained networks to other formats: NIR (see docs/nir.md)."""
 
-from .nir_check import check_nir, format_report, nirtorch_node_map
-from .nir_export import (
+from .check import check_nir, format_report, nirtorch_node_map
+from .export import (
     DIALECTS,
     MODES,
     NIRApproximationWarning,

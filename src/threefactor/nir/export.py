@@ -16,7 +16,7 @@ Two modes (docs/nir.md has the mapping tables and the measurements):
     neurons' spikes: Threshold per neuron, then SumPool2d and Threshold(1/2), plain NIR. With
     it after the pool, NIR has no max pooling: the pool node is a ``SumPool2d`` whose metadata
     says ``{"threefactor_pool": "max"}``, which only threefactor (and the nirtorch node map of
-    :mod:`threefactor.export.nir_check`) reads. A Threshold fires on ``U >= 0`` or ``U > 0``
+    :mod:`threefactor.nir.check`) reads. A Threshold fires on ``U >= 0`` or ``U > 0``
     as its metadata ``comparison`` says.
 
 ``portable``
@@ -62,9 +62,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import DecolleLayer, LocalReadout
-from ..network import DecolleNetwork
-from ..neurons import ORDERINGS, REFRACTORY_PLACEMENTS, SURROGATES, DecolleParams
+from ..model.layers import DecolleLayer, LocalReadout
+from ..model.network import DecolleNetwork
+from ..model.neurons import ORDERINGS, REFRACTORY_PLACEMENTS, SURROGATES, DecolleParams
+from ..errors import NIRError
 
 if TYPE_CHECKING:  # pragma: no cover
     import nir
@@ -104,10 +105,6 @@ DISCRETISATION = (
 )
 
 
-class NIRError(ValueError):
-    """A graph, file or network that cannot be exported or imported, in one sentence."""
-
-
 class NIRApproximationWarning(UserWarning):
     """Portable mode: the exported graph approximates the DECOLLE neuron."""
 
@@ -138,7 +135,8 @@ def _resolve_source(
     if isinstance(source, DecolleNetwork):
         return source, None if input_shape is None else tuple(int(s) for s in input_shape), {}, None
     if isinstance(source, (str, Path)):
-        from ..train import RunError, load_checkpoint
+        from ..errors import RunError
+        from ..run.checkpoint import load_checkpoint
 
         try:
             network, cfg, payload = load_checkpoint(source)
@@ -1186,9 +1184,9 @@ def export_cli(args: argparse.Namespace) -> int:
           f"({graph.metadata['dt_source']})")
     if args.mode == "exact":
         print("note: Norse and snnTorch cannot import an exact graph (LI, Threshold, Scale, Delay); "
-              "nirtorch runs it with threefactor.export.nirtorch_node_map; --mode portable is for them")
+              "nirtorch runs it with threefactor.nir.nirtorch_node_map; --mode portable is for them")
     if args.check:
-        from .nir_check import check_nir, format_report
+        from .check import check_nir, format_report
 
         print(format_report(check_nir(args.out, args.source)))
     return 0

@@ -1,4 +1,8 @@
-"""Errors of the data layer: one clear sentence each, naming the file and the problem."""
+"""Every error threefactor raises on purpose: one clear sentence each, naming the file, key or
+value and the problem (never a traceback from deep inside).
+
+They derive from the built-in exception a caller would expect (a bad value is a ValueError, a
+missing file a FileNotFoundError), so ``except ValueError`` keeps working."""
 
 from __future__ import annotations
 
@@ -37,3 +41,29 @@ class UnknownClassError(ValueError):
         super().__init__(
             f"{self.root}: class {label!r} (of {self.path}) is not one of the {len(self.classes)} "
             f"classes it was given ({shown})")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class LocalCostError(ValueError):
+    """A user cost that is not local, or not a cost, in one sentence."""
+
+
+class RunError(RuntimeError):
+    """A problem with the run's inputs or outputs, reported as one sentence."""
+
+    relayed = False  # under torchrun: raised because another process met this problem first
+
+
+class RunDirectoryError(RuntimeError):
+    """A run directory that cannot be used: in use by another run, not writable, not a run."""
+
+
+class DistributedError(RuntimeError):
+    """The distributed environment cannot run this job; one sentence."""
+
+
+class NIRError(ValueError):
+    """A graph, file or network that cannot be exported or imported, in one sentence."""
