@@ -85,7 +85,8 @@ def worker(args) -> dict:
     import torch
 
     from threefactor.config import load_config
-    from threefactor.model.network import build_network, lsuv_init
+    from threefactor.model.init import lsuv_init
+    from threefactor.model.network import build_network
     from threefactor.rules import make_rule
     from threefactor.run.from_config import evaluate, load_data, make_optimizer, make_scheduler, resolve_device
 

@@ -47,7 +47,8 @@ def worker(spec: dict) -> None:
 
     from threefactor import distributed as D
     from threefactor.config import load_config
-    from threefactor.model.network import build_network, lsuv_init
+    from threefactor.model.init import lsuv_init
+    from threefactor.model.network import build_network
     from threefactor.rules import make_rule
     from threefactor.run.from_config import load_split, make_optimizer
 

@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from threefactor.data.nmnist import read_bin  # noqa: E402
+from threefactor.data.formats.nmnist_bin import read_bin  # noqa: E402
 from threefactor.data.transforms import CenterCrop, Compose, ToFrame  # noqa: E402
 
 DEFAULT_FILE = ROOT.parent / "shared" / "data" / "nmnist-small" / "Test" / "7" / "00001.bin"

@@ -38,7 +38,7 @@ class DensityProbe:
     """Forward hooks on every DecolleLayer and its synapse; gradient hooks on the synapse output."""
 
     def __init__(self, network, surrogate: str) -> None:
-        from threefactor.model.neurons import surrogate_derivative
+        from threefactor.model.surrogates import surrogate_derivative
 
         self.sd = lambda u: surrogate_derivative(u, surrogate)
         self.layers = list(network.layers)
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from threefactor.config import load_config, to_dict
-    from threefactor.model.network import build_network, lsuv_init
+    from threefactor.model.init import lsuv_init
+    from threefactor.model.network import build_network
     from threefactor.rules import make_rule
     from threefactor.run.from_config import load_data, make_optimizer
 

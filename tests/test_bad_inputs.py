@@ -32,16 +32,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stall_point import wait_for_marker
+from stall_point import stall_args, wait_for_marker
 from threefactor.cli import main
 from threefactor.config import ConfigError, load_config
 from threefactor.data import (
     CachedDataset, DataFileError, DownloadError, EventFileError, EventFolder, NMNIST, ToFrame,
     download_url, extract_archive, read_aedat, read_bin, write_bin, write_shd,
 )
-from threefactor.data.base import EventDataset
+from threefactor.data.datasets.base import EventDataset
 from threefactor.data.events import first_outside_sensor, inside_sensor, make_events
-from threefactor.data.gesture import read_segments_csv
+from threefactor.data.formats.label_csv import read_segments_csv
 from threefactor.data.transforms import to_frame
 from threefactor.errors import RunError
 from threefactor.run.checkpoint import CHECKPOINT_FORMAT, _seal, read_checkpoint
@@ -473,7 +473,7 @@ LIBRARY = [
      r"x\.bin: its 7 bytes are not a whole number of 5-byte N-MNIST records"),
     ("labels csv: an end before its start", lambda t: read_segments_csv(_write(t / "l.csv", "a,10,5\n")), DataFileError,
      r"l\.csv: line 1 has no class or an end time before its start time"),
-    ("SHD: not HDF5", lambda t: __import__("threefactor.data.shd").data.shd.SHDFile(_write(t / "s.h5", "nope")),
+    ("SHD: not HDF5", lambda t: __import__("threefactor.data.formats.shd_hdf5").data.formats.shd_hdf5.SHDFile(_write(t / "s.h5", "nope")),
      EventFileError, r"s\.h5: it is not a readable HDF5 file"),
     ("a --set key that does not exist", lambda t: load_config(None, ["optim.lrr=1"]), ConfigError,
      r"unknown key 'optim\.lrr' \(did you mean 'lr'\?\)"),
@@ -507,8 +507,8 @@ def test_nested_anchors_are_refused_fast_and_short(tmp_path: Path) -> None:
 def test_a_second_run_into_a_running_one_is_refused_and_the_first_goes_on(tmp_path: Path, capsys) -> None:
     run, marker = tmp_path / RUN, tmp_path / "stalled"
     settings_ = [*EMBEDDED, "train.checkpoint_every=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", THREEFACTOR_TEST_STALL=f"1:{marker}")
-    first = subprocess.Popen([sys.executable, "-m", "threefactor", "train", "--out", str(run), *_sets(settings_)],
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, *stall_args("batch", 1, marker), "train", "--out", str(run), *_sets(settings_)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_for_marker(first, marker, 120)

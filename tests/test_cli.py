@@ -13,7 +13,10 @@ import yaml
 
 from threefactor.cli import main
 from threefactor.config import dump_config, load_config
-from threefactor.run.from_config import evaluate, load_checkpoint, load_data
+from threefactor.rules.common import resolve_loss
+from threefactor.run.checkpoint import load_checkpoint
+from threefactor.run.from_config import FrameBatches, load_data
+from threefactor.run.trainer import evaluate
 
 TINY = [
     "data.n_train=16", "data.n_test=8", "data.timesteps=12", "rule.burn_in=2",
@@ -177,7 +180,8 @@ def test_checkpoint_loads_with_weights_only_and_reproduces_the_test_results(tiny
     assert all(torch.equal(state[k], payload["model"][k]) for k in state)
     # the loaded network is the trained one: it reproduces the run's test numbers exactly
     _, test = load_data(cfg)
-    accs, losses = evaluate(network, test, cfg, torch.device("cpu"))
+    accs, losses, _ = evaluate(network, FrameBatches(test, cfg.train.eval_batch_size, shuffle=False),
+                               resolve_loss(cfg.rule.loss), cfg.rule.burn_in)
     summary = json.loads((out / "summary.json").read_text())
     assert accs == [summary["test_accuracy"][f"layer{i}"] for i in (1, 2, 3)]
     assert losses == pytest.approx([summary["test_loss"][f"layer{i}"] for i in (1, 2, 3)], rel=1e-5)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from threefactor.config import LayerConfig, NetworkConfig, NeuronConfig
-from threefactor.model.layers import LocalReadout
+from threefactor.model.layers import DecolleLayer, LocalReadout
 from threefactor.model.network import build_network
 from threefactor.run.optim import Adamax
 from threefactor.rules import LOSSES, DecolleRule, ErrorTrigger
@@ -79,7 +79,7 @@ def test_closed_form_step_follows_autograd_update_for_update(surrogate, loss, or
         a = fast.train_sequence(x, labels)
         torch.manual_seed(seq)
         b = slow.train_sequence(x, labels)
-        assert torch.equal(a.votes, b.votes)
+        assert torch.equal(a.votes, b.votes) and torch.equal(a.rates, b.rates)
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-10, atol=1e-12)
     moved = 0.0
     for (name, p), q, p0 in zip(net.named_parameters(), twin.parameters(), before):
@@ -210,17 +210,56 @@ def test_closed_form_trains_in_float32_like_autograd(loss):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_layer_forward_hooks_see_the_same_spikes_in_both_paths():
-    """Observers hooked on the layers (the trainer's spike meter, a user's recorder) keep working."""
+def test_the_closed_form_runs_no_layer_hooks_and_reports_the_same_rates():
+    """The closed form never calls a layer's forward, so the layers' hooks do not run (only the
+    burn-in steps run the network's forward); ``closed_form=False`` runs them at every step. The
+    firing rates come back in the result either way, equal."""
     net, opt, twin, twin_opt = _pair(_cfg("boxcar"))
     seen = {0: [], 1: []}
     for k, n in enumerate((net, twin)):
         n.layers[2].register_forward_hook(lambda m, inp, out, k=k: seen[k].append(out[0].s.clone()))
     x, labels = _inputs(6)
-    DecolleRule(net, opt, "mse", closed_form=True).train_sequence(x, labels)
-    DecolleRule(twin, twin_opt, "mse", closed_form=False).train_sequence(x, labels)
-    assert len(seen[0]) == len(seen[1]) == 6
-    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
+    a = DecolleRule(net, opt, "mse", burn_in=2, closed_form=True).train_sequence(x, labels)
+    b = DecolleRule(twin, twin_opt, "mse", burn_in=2, closed_form=False).train_sequence(x, labels)
+    assert len(seen[0]) == 2 and len(seen[1]) == 6
+    assert all(torch.equal(p, q) for p, q in zip(seen[0], seen[1]))  # the burn-in steps
+    assert torch.equal(a.rates, b.rates) and a.rates.sum() > 0
+    # layer 2's rate is the mean of the spikes its hook saw in the autograd path
+    assert a.rates[2].item() == pytest.approx(torch.stack(seen[1]).mean().item(), rel=1e-12)
+
+
+class _DoubledStep(DecolleLayer):
+    """A DecolleLayer subclass with its own step: the closed form does not compute it."""
+
+    def forward(self, x, state=None):
+        out, state = super().forward(x, state)
+        return out._replace(u=2 * out.u), state
+
+
+def test_a_layer_that_overrides_the_step_goes_through_autograd():
+    net = build_network(_cfg("boxcar"), (2, 12, 12), 4)
+    opt = torch.optim.Adamax(net.parameters())
+    assert net.supports_closed_form() and DecolleRule(net, opt).uses_closed_form()
+    layer = net.layers[1]
+    net.layers[1] = _DoubledStep(layer.synapse, layer.params, layer.pool.kernel_size if layer.pool else 1,
+                                 layer.surrogate)
+    assert not net.layers[1].supports_closed_form() and not DecolleRule(net, opt).uses_closed_form()
+    assert all(n.supports_closed_form() for i, n in enumerate(net.layers) if i != 1)
+
+
+def test_a_synapse_or_pool_the_closed_form_does_not_model_sends_the_layer_to_autograd():
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for change in (lambda n: setattr(n.layers[0].synapse, "padding", "same"),
+                   lambda n: setattr(n.layers[0].pool, "stride", 1),
+                   lambda n: setattr(n.layers[0].pool, "ceil_mode", True),
+                   lambda n: setattr(n.layers[3], "synapse", Scaled(4 * 3 * 3, 6))):
+        net = build_network(_cfg("boxcar"), (2, 12, 12), 4)
+        change(net)
+        assert not net.supports_closed_form()
+        assert not DecolleRule(net, torch.optim.Adamax(net.parameters())).uses_closed_form()
 
 
 def test_optimiser_step_hooks_are_honoured():
@@ -260,12 +299,9 @@ def test_lean_adamax_with_one_group_per_layer_is_torch_adamax():
 @pytest.mark.parametrize("variant", ["after_pool", "authors"])
 def test_compiled_closed_form_is_the_eager_closed_form(variant):
     """``rule.compile``: the same math through torch.compile (fused kernels round differently),
-    the same dropout draws, the spike meter's hooks still called at every step."""
+    the same dropout draws, the same spikes (their rates, counted per layer)."""
     net, opt, twin, twin_opt = _pair(_cfg("fast_sigmoid", "lagged", dropout=0.3, variant=variant))
     net.float(), twin.float()
-    seen = {0: [], 1: []}
-    for k, n in enumerate((net, twin)):
-        n.layers[1].register_forward_hook(lambda m, inp, out, k=k: seen[k].append(out[0].s.clone()))
     compiled = DecolleRule(net, opt, "smooth_l1", burn_in=1, compile=True)
     eager = DecolleRule(twin, twin_opt, "smooth_l1", burn_in=1)
     for seq in range(2):
@@ -274,11 +310,9 @@ def test_compiled_closed_form_is_the_eager_closed_form(variant):
         a = compiled.train_sequence(x.float(), labels)
         torch.manual_seed(seq)
         b = eager.train_sequence(x.float(), labels)
-        assert torch.equal(a.votes, b.votes)
+        assert torch.equal(a.votes, b.votes) and torch.equal(a.rates, b.rates)
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
     assert compiled._compiled not in (None, False)  # it did compile, and did not fall back
-    assert len(seen[0]) == len(seen[1]) == 12
-    assert all(torch.equal(p, q) for p, q in zip(seen[0], seen[1]))
     for p, q in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from threefactor.config import load_config, presets
-from threefactor.data.splits import data_home, resolve_root
+from threefactor.data.home import data_home, resolve_root
 from threefactor.run.from_config import RunError, load_split
 
 

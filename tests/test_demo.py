@@ -16,7 +16,7 @@ from threefactor.demos import (
     regression_targets,
     run_regression,
 )
-from threefactor.model.neurons import surrogate_derivative
+from threefactor.model.surrogates import surrogate_derivative
 
 
 def test_targets_are_a_ramp_a_fast_and_a_slow_sine():

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stall_point import wait_for_marker
+from stall_point import stall_args, wait_for_marker
 from threefactor.config import load_config
 from threefactor.run.collective import shard
 from threefactor.run.checkpoint import read_checkpoint
@@ -68,8 +68,9 @@ def _launch(nproc: int, target: list[str], **env) -> subprocess.Popen:
                             env=_env(**env))
 
 
-def _train(nproc: int, args: list[str], **env) -> subprocess.Popen:
-    return _launch(nproc, ["-m", "threefactor", "train", *args], **env)
+def _train(nproc: int, args: list[str], stall: list[str] = (), **env) -> subprocess.Popen:
+    """``threefactor train ARGS`` on ``nproc`` processes; ``stall``: ``stall_point.stall_args``."""
+    return _launch(nproc, [*stall, "train", *args] if stall else ["-m", "threefactor", "train", *args], **env)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -116,8 +117,8 @@ def resumed(tmp_path_factory):
     d = {k: root / k for k in ("two_then_one", "one_then_two")}
     m2, m1 = root / "stalled2", root / "stalled1"
     # Stalled just before the checkpoint of batch 3: the checkpoint holds batch 2 of 4.
-    stall2 = _train(2, [*_sets(TINY), "--out", str(d["two_then_one"])], THREEFACTOR_TEST_STALL=f"3:{m2}")
-    stall1 = _train(1, [*_sets(TINY), "--out", str(d["one_then_two"])], THREEFACTOR_TEST_STALL=f"3:{m1}")
+    stall2 = _train(2, [*_sets(TINY), "--out", str(d["two_then_one"])], stall_args("batch", 3, m2))
+    stall1 = _train(1, [*_sets(TINY), "--out", str(d["one_then_two"])], stall_args("batch", 3, m1))
     _stop_when_stalled(stall2, m2)
     _stop_when_stalled(stall1, m1)
     stopped = {k: read_checkpoint(d[k])["progress"] for k in d}
@@ -334,14 +335,14 @@ def test_a_checkpoint_from_before_the_distributed_settings_still_resumes(tmp_pat
     """Keys newer than a checkpoint's config count as their defaults on --resume."""
     import yaml
 
-    from threefactor.run.from_config import _check_resume_config, dump_config
+    from threefactor.config import dump_config
+    from threefactor.errors import RunError
+    from threefactor.run.from_config import check_resume_config
 
     cfg = load_config(None, TINY)
     old = yaml.safe_load(dump_config(cfg))
     del old["distributed"]
-    _check_resume_config(cfg, {"config": yaml.safe_dump(old)}, tmp_path)  # no error
+    check_resume_config(cfg, {"config": yaml.safe_dump(old)}, tmp_path)  # no error
     changed = load_config(None, [*TINY, "distributed.sync=periodic"])
-    from threefactor.run.from_config import RunError
-
     with pytest.raises(RunError, match="distributed.sync"):
-        _check_resume_config(changed, {"config": yaml.safe_dump(old)}, tmp_path)
+        check_resume_config(changed, {"config": yaml.safe_dump(old)}, tmp_path)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from threefactor.data.embedded import MOTION_CLASSES, MotionDataset, MotionSpec, make_motion_dataset
+from threefactor.data.datasets.base import EventDataset
+from threefactor.data.datasets.embedded import MotionDataset
+from threefactor.data.synthetic.motion import MOTION_CLASSES, MotionSpec, make_motion_dataset
 from threefactor.data.events import EVENT_DTYPE
 from threefactor.data.transforms import to_frame
 
@@ -77,12 +80,26 @@ def test_dataset_frames_split_and_items():
     assert frames.shape == (20, 2, 32, 32) and frames.dtype == np.float32
     assert label == int(train.targets[3])
     # every event lands in some frame (times lie within the recording)
-    assert frames.sum() == len(train.events[3])
+    assert frames.sum() == len(train.events(3))
     assert len(train) == 16 and train.classes == MOTION_CLASSES
     # train and test share no recording
-    assert not any(np.array_equal(a, b) for a in train.events for b in test.events)
+    assert not any(np.array_equal(train.events(i), test.events(j)) for i in range(16) for j in range(16))
     with pytest.raises(ValueError, match="split"):
         MotionDataset("val", 4, spec=SMALL)
+
+
+def test_the_dataset_is_an_event_dataset_whose_sources_name_each_recording():
+    """Checked events, sources a cache can key on: the generator's file, and what each recording
+    was made from (so no two recordings of two splits or seeds share a source)."""
+    train = MotionDataset("train", 8, seed=7, spec=SMALL)
+    assert isinstance(train, EventDataset)
+    events, dropped = train.checked_events(5)
+    assert dropped == 0 and np.array_equal(events, train.events(5))
+    path, _ = train.source(0)
+    assert Path(path).is_file()
+    others = (MotionDataset("test", 8, seed=7, spec=SMALL), MotionDataset("train", 8, seed=8, spec=SMALL))
+    sources = [repr(ds.source(i)) for ds in (train, *others) for i in range(8)]
+    assert len(set(sources)) == len(sources)
 
 
 # --- the time-reversal symmetry of the module docstring ------------------------------------

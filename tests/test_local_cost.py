@@ -112,11 +112,9 @@ def test_a_regression_cost_with_a_target_per_step_trains():
 
 def test_stllr_takes_a_user_cost_too():
     from threefactor.config import LIFConfig
-    from threefactor.model.network import build_lif_network
-
     cfg = NetworkConfig(layers=[LayerConfig("dense", 10), LayerConfig("dense", 6)], neuron_model="lif",
                         lif=LIFConfig(gamma=0.8, v_th=0.5), init="default", dropout=0.0)
-    net = build_lif_network(cfg, (12,), 4, seed=0).double()
+    net = build_network(cfg, (12,), 4, seed=0).double()
     twin = copy.deepcopy(net)
     x = (torch.rand(5, 8, 12, generator=torch.Generator().manual_seed(0)) < 0.4).double()
     labels = torch.arange(5) % 4

@@ -10,7 +10,8 @@ import torch
 
 from threefactor.config import Config, LayerConfig, NetworkConfig
 from threefactor.model.layers import LocalReadout
-from threefactor.model.network import DecolleNetwork, build_network, lsuv_init
+from threefactor.model.init import lsuv_init
+from threefactor.model.network import DecolleNetwork, build_network
 from threefactor.rules import DecolleRule, local_loss, regulariser
 from threefactor.run.from_config import make_optimizer
 

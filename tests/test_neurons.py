@@ -13,16 +13,14 @@ from torch import nn
 
 from threefactor.model.layers import DecolleLayer
 from threefactor.model.neurons import (
-    SURROGATES,
     DecolleParams,
     DecolleState,
     decolle_step,
     detach_state,
     initial_decolle_state,
     input_trace_step,
-    spike,
-    surrogate_derivative,
 )
+from threefactor.model.surrogates import SURROGATES, spike, surrogate_derivative
 
 F64 = torch.float64
 

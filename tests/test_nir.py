@@ -1,12 +1,13 @@
-"""NIR export and import (issues 7, 15): exact round trips, the graph's own semantics, portable
-graphs that Norse, snnTorch and nirtorch run exactly, the run's dt, and `export --check`."""
+"""NIR export and import (issues 7, 15, 16): exact round trips, the graph's own semantics, portable
+graphs that Norse, snnTorch and nirtorch run exactly, layers numbered from 1 in node names (graphs
+numbered from 0 still read), the run's dt, and `export --check`."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -128,10 +129,10 @@ def test_exact_graph_metadata_holds_dt_ordering_and_decays(tmp_path):
     assert "forward Euler" in meta["discretisation"]
     assert list(np.asarray(meta["input_shape"])) == list(shape)
     # the lagged ordering is a one-step Delay; max pooling a marked SumPool2d
-    assert isinstance(graph.nodes["layer0_lag"], nir.Delay)
-    assert graph.nodes["layer0_pool"].metadata["threefactor_pool"] == "max"
-    assert isinstance(graph.nodes["layer0_rho"], nir.Scale)
-    assert ("layer0_rho", "layer0_spike") in graph.edges  # the refractory feedback edge
+    assert isinstance(graph.nodes["layer1_lag"], nir.Delay)
+    assert graph.nodes["layer1_pool"].metadata["threefactor_pool"] == "max"
+    assert isinstance(graph.nodes["layer1_rho"], nir.Scale)
+    assert ("layer1_rho", "layer1_spike") in graph.edges  # the refractory feedback edge
 
 
 def _back_edges(graph) -> set[tuple[str, str]]:
@@ -239,14 +240,14 @@ def test_exact_graph_itself_computes_the_decolle_neuron(arch, ordering, variant)
     s_net, u_net, y_net = simulate(net, xs)
     trace = run_nir_graph(graph, xs, float(graph.metadata["dt"]))
     for i, layer in enumerate(net.layers):
-        assert torch.equal(trace[f"layer{i}_spike"], s_net[i].double())
-        if f"layer{i}_neurons_spike.input" in trace:  # R before the pool: U = maxpool(V - rho R)
+        assert torch.equal(trace[f"layer{i + 1}_spike"], s_net[i].double())
+        if f"layer{i + 1}_neurons_spike.input" in trace:  # R before the pool: U = maxpool(V - rho R)
             k = layer.pool.kernel_size
-            u_graph = F.max_pool2d(trace[f"layer{i}_neurons_spike.input"].flatten(0, 1), k).view_as(u_net[i])
+            u_graph = F.max_pool2d(trace[f"layer{i + 1}_neurons_spike.input"].flatten(0, 1), k).view_as(u_net[i])
         else:
-            u_graph = trace[f"layer{i}_spike.input"]
+            u_graph = trace[f"layer{i + 1}_spike.input"]
         torch.testing.assert_close(u_graph, u_net[i], rtol=0, atol=1e-9)
-        torch.testing.assert_close(trace[f"readout{i}"], y_net[i], rtol=0, atol=1e-9)
+        torch.testing.assert_close(trace[f"readout{i + 1}"], y_net[i], rtol=0, atol=1e-9)
     assert torch.equal(trace["output"], s_net[-1].double())
 
 
@@ -280,11 +281,11 @@ def test_readouts_are_affine_outputs_with_fixed_g():
     net, shape = make_net("dense")
     graph = export_nir(net, input_shape=shape)
     for i, readout in enumerate(net.readouts):
-        node = graph.nodes[f"layer{i}_readout"]
+        node = graph.nodes[f"layer{i + 1}_readout"]
         assert isinstance(node, nir.Affine)
         assert np.array_equal(node.weight, readout.g.numpy())
         assert not np.any(node.bias)
-        assert isinstance(graph.nodes[f"readout{i}"], nir.Output)
+        assert isinstance(graph.nodes[f"readout{i + 1}"], nir.Output)
 
 
 # --- portable mode ------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_portable_mode_warns_only_what_it_approximates():
     with pytest.warns(NIRApproximationWarning) as record:
         graph = export_nir(net, mode="portable", input_shape=shape)
     message = str(record[0].message)
-    assert "after the max pool (layers 0, 1)" in message and "U >= 0" in message
+    assert "after the max pool (layers 1, 2)" in message and "U >= 0" in message
     assert graph.metadata["approximations"]
 
 
@@ -338,7 +339,7 @@ def test_portable_graph_uses_only_nodes_the_importers_take():
             if isinstance(node, nir.LIF):
                 assert np.all(node.v_threshold >= node.v_reset), key
         bias = net.layers[0].synapse.bias.detach().numpy()
-        np.testing.assert_array_equal(graph.nodes["layer0_synapse"].bias, bias)
+        np.testing.assert_array_equal(graph.nodes["layer1_synapse"].bias, bias)
     exact = export_nir(net, input_shape=shape)
     for importer in ("norse", "snntorch"):
         problems = "; ".join(importer_problems(exact, importer))
@@ -369,21 +370,98 @@ def test_portable_errors_before_writing(tmp_path):
     assert not (tmp_path / "x.nir").exists()
 
 
+# --- layer numbering: from 1, as in metrics.jsonl; graphs numbered from 0 still read -----
+
+
+def numbered_from_zero(graph):
+    """``graph`` with its nodes named as format version 1 named them (``layer0_...``,
+    ``readout0``): every layer's number one less."""
+    def old(key: str) -> str:
+        m = re.fullmatch(r"(layer|readout)(\d+)(.*)", key)
+        return key if m is None else f"{m[1]}{int(m[2]) - 1}{m[3]}"
+
+    nodes = {old(k): n for k, n in graph.nodes.items()}
+    assert len(nodes) == len(graph.nodes)
+    return nir.NIRGraph(nodes=nodes, edges=[(old(a), old(b)) for a, b in graph.edges],
+                        metadata={**graph.metadata, "format_version": 1})
+
+
+@pytest.mark.parametrize("mode", ["exact", "portable"])
+def test_node_names_and_messages_number_layers_from_one(mode):
+    net, shape = make_net("conv_dense", variant="after_pool")
+    graph = quiet_export(net, mode=mode, input_shape=shape)
+    numbers = {int(m[1]) for k in graph.nodes if (m := re.match(r"layer(\d+)_", k))}
+    assert numbers == {1, 2, 3}
+    assert "layer1_synapse" in graph.nodes and "layer3_spike" in graph.nodes
+    assert int(graph.metadata["format_version"]) == 2
+    if mode == "exact":
+        assert [k for k, n in graph.nodes.items() if isinstance(n, nir.Output)] == [
+            "readout1", "readout2", "readout3", "output"]
+    else:
+        assert ("layer3_readout", "output") in graph.edges
+        with pytest.warns(NIRApproximationWarning, match=r"max pool \(layer 1\).*U >= 0 \(layers 1, 2, 3\)"):
+            export_nir(net, mode="portable", input_shape=shape)
+        net.layers[1].params = net.layers[1].params._replace(beta=0.0)
+        with pytest.raises(NIRError, match="^layer 2: portable mode needs"):
+            export_nir(net, mode="portable", input_shape=shape)
+
+
+@pytest.mark.parametrize("variant", ["after_pool", "authors"])
+@pytest.mark.parametrize("mode", ["exact", "portable"])
+def test_graphs_numbered_from_zero_read_to_the_same_network(tmp_path, mode, variant):
+    """A graph written before layers were numbered from 1 gives the network the current one
+    gives: the same weights, readouts and parameters, the same spikes and readouts."""
+    net, shape = make_net("conv_dense", "lagged", variant=variant)
+    graph = quiet_export(net, mode=mode, input_shape=shape)
+    path = tmp_path / "old.nir"
+    nir.write(path, numbered_from_zero(graph))
+    assert "layer0_synapse" in nir.read(path).nodes
+    new, old = from_nir(graph), from_nir(path)
+    assert [layer.params for layer in old.layers] == [layer.params for layer in new.layers]
+    new_state, old_state = new.state_dict(), old.state_dict()
+    assert new_state.keys() == old_state.keys()
+    for key, value in new_state.items():
+        assert torch.equal(value, old_state[key]), key
+    xs = spikes_in(shape)
+    for a, b in zip(sum(simulate(new, xs), []), sum(simulate(old, xs), [])):
+        assert torch.equal(a, b)
+
+
+def test_one_output_of_a_graph_numbered_from_zero_is_its_last_readout():
+    from threefactor.nir.check import with_one_output
+
+    net, shape = make_net("conv_dense")
+    graph = export_nir(net, input_shape=shape)
+    outputs = lambda g: [k for k, n in g.nodes.items() if isinstance(n, nir.Output)]  # noqa: E731
+    assert outputs(with_one_output(graph)) == ["readout3"]
+    assert outputs(with_one_output(numbered_from_zero(graph))) == ["readout2"]
+
+
 # --- the run's dt ---------------------------------------------------------------------
+
+
+def save_run(run, net: DecolleNetwork, cfg: Config, shape: tuple) -> None:
+    """A run directory ``run`` whose checkpoint holds ``net``, built from ``cfg`` for three
+    classes, after one epoch: what export_nir reads of a run."""
+    from threefactor.config import dump_config
+    from threefactor.run.checkpoint import write_checkpoint
+
+    run.mkdir()
+    write_checkpoint(run / "checkpoint.pt", {
+        "config": dump_config(cfg), "input_shape": list(shape), "classes": ["a", "b", "c"],
+        "sensor_size": None, "epoch": 1, "model": net.state_dict(),
+    })
 
 
 def _saved_run(tmp_path, dt_us: int = 3000):
     from threefactor.config import DataConfig
-    from threefactor.run.checkpoint import save_checkpoint
 
     layers, shape = ARCHS["conv_dense"]
     cfg = Config(network=NetworkConfig(layers=list(layers)),
                  data=DataConfig(dataset="nmnist", root="unused", dt_us=dt_us, timesteps=100))
     net = build_network(cfg.network, shape, 3, cfg.seed)
     run = tmp_path / "run"
-    run.mkdir()
-    save_checkpoint(run / "checkpoint.pt", net, torch.optim.SGD(net.parameters(), lr=0.1), cfg, 1,
-                    SimpleNamespace(input_shape=shape, classes=("a", "b", "c"), sensor_size=None))
+    save_run(run, net, cfg, shape)
     return run, net
 
 
@@ -397,8 +475,8 @@ def test_export_uses_the_runs_dt_and_warns_on_an_override(tmp_path):
         assert float(graph.metadata["dt"]) == 3e-3
         assert math.isclose(float(graph.metadata["tau_mem"]), 3e-3 / (1 - p.alpha), rel_tol=1e-12)
     exact = export_nir(run)
-    np.testing.assert_allclose(exact.nodes["layer0_q"].tau, 3e-3 / (1 - p.beta))
-    np.testing.assert_allclose(exact.nodes["layer0_p"].tau, 3e-3 / (1 - p.alpha))
+    np.testing.assert_allclose(exact.nodes["layer1_q"].tau, 3e-3 / (1 - p.beta))
+    np.testing.assert_allclose(exact.nodes["layer1_p"].tau, 3e-3 / (1 - p.alpha))
     assert math.isclose(from_nir(exact).layers[0].params.alpha, p.alpha, rel_tol=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -495,17 +573,12 @@ def test_export_errors_are_clear():
 
 
 def test_export_from_run_directory_and_cli(tmp_path, capsys):
-    from threefactor.run.checkpoint import save_checkpoint
-
     layers, shape = ARCHS["conv_dense"]
     # R after the pool: a formulation that portable mode approximates, so the CLI warns
     cfg = Config(network=NetworkConfig(layers=list(layers), neuron=NeuronConfig(refractory="after_pool")))
     net = build_network(cfg.network, shape, 3, cfg.seed)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
     run = tmp_path / "run"
-    run.mkdir()
-    save_checkpoint(run / "checkpoint.pt", net, opt, cfg, 1,
-                    SimpleNamespace(input_shape=shape, classes=("a", "b", "c")))
+    save_run(run, net, cfg, shape)
     graph = export_nir(run, tmp_path / "a.nir")
     assert graph.metadata["source"] == str(run)
     back = from_nir(tmp_path / "a.nir")
@@ -599,8 +672,8 @@ def test_importer_runs_the_portable_graph_exactly(tmp_path, importer, arch, orde
     graph = nir.read(path)
     module = load(graph)
     names = [f"layer{i}_neurons" if f"layer{i}_neurons" in graph.nodes else f"layer{i}_spike"
-             for i in range(len(net.layers))]
-    spike_names = [f"layer{i}_spike" for i in range(len(net.layers))]
+             for i in range(1, len(net.layers) + 1)]
+    spike_names = [f"layer{i}_spike" for i in range(1, len(net.layers) + 1)]
     _assert_runs_like_ours(module, net, shape, names, spike_names)
 
 
@@ -629,17 +702,17 @@ def test_nirtorch_interpreter_runs_the_exact_graph(tmp_path, ordering, variant):
     inputs); our node map gives only the NIR nodes it has no mapping of. Membranes (the input
     of each Threshold) and spikes match ours."""
     nirtorch = pytest.importorskip("nirtorch", reason="nirtorch is not installed (pip install nirtorch)")
-    from threefactor.nir.check import _one_output
+    from threefactor.nir.check import with_one_output
 
     net, shape = make_net("conv_dense", ordering, variant=variant)
     path = tmp_path / "e.nir"
     export_nir(net, path, input_shape=shape)
-    graph = _one_output(nir.read(path))
-    assert [k for k, n in graph.nodes.items() if isinstance(n, nir.Output)] == ["readout2"]
+    graph = with_one_output(nir.read(path))
+    assert [k for k, n in graph.nodes.items() if isinstance(n, nir.Output)] == ["readout3"]
     module = nirtorch.nir_to_torch(graph, nirtorch_node_map(float(graph.metadata["dt"])))
     names = [f"layer{i}_neurons_spike" if f"layer{i}_neurons_spike" in graph.nodes else f"layer{i}_spike"
-             for i in range(len(net.layers))]
-    spike_names = [f"layer{i}_spike" for i in range(len(net.layers))]
+             for i in range(1, len(net.layers) + 1)]
+    spike_names = [f"layer{i}_spike" for i in range(1, len(net.layers) + 1)]
     _assert_runs_like_ours(module, net, shape, names, spike_names)
 
 
@@ -688,3 +761,18 @@ def test_check_a_trained_network_in_each_importer(trained_run, tmp_path, capsys,
         diffs = [float(v) for v in row[2:] if "e" in v]
         assert len(agreement) == len(diffs) == 3 and min(agreement) > 99.9, row
         assert max(diffs) < TOL, row
+
+
+@pytest.mark.oracle
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_check_reads_a_graph_numbered_from_zero(trained_run, tmp_path):
+    """`export --check` finds every layer of a graph written before layers were numbered from 1."""
+    pytest.importorskip("nirtorch", reason="nirtorch is not installed (pip install nirtorch)")
+    from threefactor.nir import check_nir
+
+    path = tmp_path / "old.nir"
+    nir.write(path, numbered_from_zero(export_nir(trained_run)))
+    report = check_nir(path, trained_run, importers=("threefactor", "nirtorch"), max_samples=8)
+    for r in report.results:
+        assert not r.skipped and abs(r.accuracy - report.ours) <= 1 / 8, r
+        assert len(r.spike_agreement) == 3 and min(r.spike_agreement) > 0.999, r

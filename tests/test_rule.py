@@ -17,14 +17,8 @@ from torch import nn
 from threefactor.config import LayerConfig, NetworkConfig, NeuronConfig
 from threefactor.model.layers import DecolleLayer, LocalReadout
 from threefactor.model.network import build_network
-from threefactor.model.neurons import (
-    SURROGATES,
-    DecolleParams,
-    DecolleState,
-    input_trace_step,
-    spike,
-    surrogate_derivative,
-)
+from threefactor.model.neurons import DecolleParams, DecolleState, input_trace_step
+from threefactor.model.surrogates import SURROGATES, spike, surrogate_derivative
 from threefactor.rules import LOSSES, DecolleRule, local_loss, predict_sequence, regulariser
 
 F64 = torch.float64
@@ -365,6 +359,48 @@ def test_predict_sequence_matches_training_forward_without_changing_weights():
                 for i, y in enumerate(out.readouts):
                     votes[i, torch.arange(3), y.argmax(1)] += 1
     assert torch.equal(res.votes, votes)
+
+
+def _counted_rates(net, x) -> list[float]:
+    """Spikes per neuron per step of every layer, counted step by step on a plain forward."""
+    counts, neurons, state = [0] * len(net.layers), [0] * len(net.layers), None
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            out, state = net(x[:, t], state)
+            for i, s in enumerate(out.spikes):
+                counts[i] += int(s.sum().item())
+                neurons[i] = s.numel()  # batch x neurons of the layer
+    return [c / (n * x.shape[1]) for c, n in zip(counts, neurons)]
+
+
+def _lif_net():
+    cfg = NetworkConfig(layers=[LayerConfig("conv", 3, 3, 2), LayerConfig("dense", 6, recurrent=True)],
+                        neuron_model="lif", readout_scale=2.0, dropout=0.0)
+    cfg.lif.v_th = 0.3
+    return build_network(cfg, (2, 8, 8), 4, seed=0)
+
+
+@pytest.mark.parametrize("rule", ["decolle", "decolle_autograd", "bptt", "bptt_lif", "stllr", "predict"])
+def test_rates_are_the_spikes_per_neuron_per_step_of_every_layer(rule):
+    """Every rule reports each layer's mean firing rate over the whole sequence, burn-in
+    included. With lr 0 the weights stay put, so a plain forward sees the same spikes."""
+    from threefactor.rules import BPTTRule, STLLRRule
+
+    net = _lif_net() if rule in ("stllr", "bptt_lif") else _tiny_net()
+    x, labels = _inputs(7, rate=0.4)
+    expected = _counted_rates(net, x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    make = {
+        "decolle": lambda: DecolleRule(net, opt, burn_in=2),
+        "decolle_autograd": lambda: DecolleRule(net, opt, burn_in=2, closed_form=False),
+        "bptt": lambda: BPTTRule(net, opt, burn_in=2),
+        "bptt_lif": lambda: BPTTRule(net, opt, burn_in=2),
+        "stllr": lambda: STLLRRule(net, opt, burn_in=2),
+    }
+    res = predict_sequence(net, x, labels, burn_in=2) if rule == "predict" else make[rule]().train_sequence(x, labels)
+    assert res.rates.shape == (len(net.layers),) and res.rates.dtype == torch.float64
+    assert all(0 < r < 1 for r in expected)  # every layer spikes, none saturates: the count is informative
+    assert res.rates.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 # --- memory does not grow with T ---------------------------------------------------------

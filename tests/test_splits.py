@@ -11,7 +11,7 @@ import torch
 
 from threefactor.config import ConfigError, load_config
 from threefactor.data import splits
-from threefactor.data.nmnist import read_bin
+from threefactor.data.formats.nmnist_bin import read_bin
 from threefactor.data.transforms import to_frame
 from threefactor.run.from_config import RunError, load_split
 
@@ -34,8 +34,8 @@ def test_nmnist_small_frames_equal_reading_and_binning_the_files_by_hand():
     assert test.frames.shape == (20, 100, 2, 32, 32) and test.frames.dtype == torch.uint8
     assert len(test.classes) == 10
     # The subset is seeded; rebuild one sample from its file: crop 34 -> 32, 3 ms bins.
-    ds = splits._file_dataset(cfg.data, "test", 100)[0]
-    idx = splits._subset(len(ds), 20, cfg.data.seed + 1)
+    ds = splits.open_dataset(cfg.data, "test")
+    idx = splits.sample_indices(len(ds), 20, cfg.data.seed + 1)
     ev = read_bin(ds.files[idx[3]])
     ev = ev[(ev["x"] >= 1) & (ev["x"] < 33) & (ev["y"] >= 1) & (ev["y"] < 33)]
     ev["x"] -= 1
@@ -99,3 +99,25 @@ def test_a_folder_of_own_recordings_trains_end_to_end(tmp_path):
     assert train_split.classes == ("left", "right")
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
     assert set(summary["test_accuracy"]) == {"layer1", "layer2"}
+
+
+def test_the_embedded_dataset_takes_the_path_of_every_dataset_to_its_own_frames():
+    """load_splits treats the embedded dataset as any other, and its frames are the dataset's
+    own binning of each recording (1 ms bins, nothing cut away), as uint8 counts."""
+    from threefactor.data.datasets.embedded import MotionDataset
+    from threefactor.data.synthetic.motion import MotionSpec
+    from threefactor.data.synthetic.pixel_model import PixelModel
+
+    cfg = load_config(None, ["data.n_train=6", "data.n_test=4", "data.timesteps=12", "data.seed=3",
+                             "train.progress=false"])
+    train, test = splits.load_splits(cfg.data, progress=False)
+    d = cfg.data
+    spec = MotionSpec(timesteps=12, speed=d.speed, contrast=d.contrast, dots_per_view=d.dots_per_view,
+                      pixel=PixelModel(threshold=d.threshold, noise_rate_hz=d.noise_rate_hz))
+    for split, data, n in (("train", train, 6), ("test", test, 4)):
+        ds = MotionDataset(split, n, seed=3, spec=spec)
+        expected = np.stack([np.minimum(ds[i][0], 255) for i in range(n)]).astype(np.uint8)
+        assert data.frames.dtype == torch.uint8 and np.array_equal(data.frames.numpy(), expected)
+        assert np.array_equal(data.labels.numpy(), ds.targets)
+        assert data.classes == ds.classes and data.sensor_size == ds.sensor_size == (32, 32, 2)
+    assert not test.warnings  # no test recording is a training recording

@@ -19,10 +19,9 @@ from hypothesis import strategies as st
 
 from threefactor.config import ConfigError, LayerConfig, LIFConfig, NetworkConfig, load_config
 from threefactor.model.layers import LIFLayer
-from threefactor.model.network import LIFNetwork, build_network
-from threefactor.model.neurons import (
-    LIF_SURROGATES, SURROGATES, LIFParams, LIFState, lif_psi, lif_spike, lif_step, surrogate_derivative,
-)
+from threefactor.model.network import DecolleNetwork, build_network
+from threefactor.model.neurons import LIFParams, LIFState, lif_psi, lif_spike, lif_step
+from threefactor.model.surrogates import LIF_SURROGATES, SURROGATES, surrogate_derivative
 from threefactor.rules import STLLRFactors, STLLRRule, make_rule, predict_sequence
 from threefactor.rules import local_loss
 from threefactor.rules.stllr import eligibility, eligibility_grad, trace_step
@@ -109,7 +108,7 @@ def test_conv_eligibility_grad_equals_materialised_eligibility(seed):
 # --- the rule on a network ----------------------------------------------------------------
 
 
-def _net(kind: str, surrogate: str = "boxcar", seed: int = 0) -> tuple[LIFNetwork, tuple[int, ...]]:
+def _net(kind: str, surrogate: str = "boxcar", seed: int = 0) -> tuple[DecolleNetwork, tuple[int, ...]]:
     if kind == "conv":
         layers = [LayerConfig("conv", 3, 3, 2), LayerConfig("conv", 4, 3, 1), LayerConfig("dense", 5)]
         shape = (2, 6, 6)

@@ -4,11 +4,13 @@ from .config import Config, ConfigError, load_config
 from .model.decolle_public import from_decolle
 from .nir import export_nir, from_nir
 from .model.layers import DecolleLayer, LIFLayer, LocalReadout
-from .model.network import DecolleNetwork, NetworkOutput, build_network, lsuv_init
+from .model.init import lsuv_init
+from .model.network import DecolleNetwork, NetworkOutput, build_network
 from .model.neurons import (
     DecolleOutput, DecolleParams, DecolleState, LIFParams, LIFState, decolle_step,
-    input_trace_step, lif_step, spike, surrogate_derivative,
+    input_trace_step, lif_step,
 )
+from .model.surrogates import spike, surrogate_derivative
 from .rules import BPTTRule, DecolleRule, STLLRRule, make_rule, predict_sequence
 from .run.checkpoint import load_checkpoint
 from .run.from_config import train

@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config, presets
-from .nir.export import NIRError, add_export_arguments, export_cli
+from .errors import NIRError
+from .nir.command import add_export_arguments, export_cli
 
 
 def _is_main_process() -> bool:
     """False in every process but the first of a torchrun launch (they print nothing)."""
-    from .run.collective import DistributedError, env_info
+    from .errors import DistributedError
+    from .run.collective import env_info
 
     try:
         return env_info().is_main
@@ -93,7 +95,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .report.plots import plot_run
+    from .run.evaluate import plot_run
 
     paths = plot_run(args.run_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -101,7 +103,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .run.evaluate import evaluate_run, plot_confusion
+    from .errors import RunError
+    from .report.plots import plot_confusion
+    from .run.evaluate import evaluate_run
 
     result = evaluate_run(args.run_dir, args.set or [], args.device)
     print(f"{result.samples} test samples, {len(result.classes)} classes")
@@ -109,7 +113,11 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"layer {i + 1}: accuracy {acc:.4f}, loss {loss:.4f}")
     run = Path(args.run_dir)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "plots" / "confusion.png"
-    print(f"wrote {plot_confusion(result, out)}")
+    try:
+        path = plot_confusion(result.confusion, result.accuracy, result.classes, out)
+    except OSError as err:
+        raise RunError(f"cannot write {out}: {err.strerror or err}") from None
+    print(f"wrote {path}")
     return 0
 
 

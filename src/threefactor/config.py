@@ -439,7 +439,7 @@ def _check_data(cfg: Config, source: str) -> None:
                 raise ConfigError(f"{source}: 'data.{key}' applies to recorded datasets, not to "
                                   f"'embedded', whose frames are made at their final size; remove it")
         return
-    from .data.splits import KNOWN_SENSORS, geometry_problem
+    from .data.sensors import KNOWN_SENSORS, geometry_problem
 
     sensor = KNOWN_SENSORS.get(d.dataset) or d.sensor_size
     if sensor is not None:

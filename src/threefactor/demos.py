@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .config import LayerConfig, NetworkConfig, NeuronConfig
-from .model.network import DecolleNetwork, build_network, lsuv_init
+from .model.init import lsuv_init
+from .model.network import DecolleNetwork, build_network
 from .rules.decolle import DecolleRule
 
 

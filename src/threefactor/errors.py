@@ -51,6 +51,10 @@ class LocalCostError(ValueError):
     """A user cost that is not local, or not a cost, in one sentence."""
 
 
+class LayerContractError(TypeError):
+    """A user's layer that does not keep the step contract forward(x, state) -> (out, state)."""
+
+
 class RunError(RuntimeError):
     """A problem with the run's inputs or outputs, reported as one sentence."""
 

@@ -11,7 +11,8 @@ import torch
 
 from threefactor.data.cache import CachedDataset, cache_key, load_array, save_array, transform_fingerprint
 from threefactor.data.events import make_events
-from threefactor.data.nmnist import NMNIST, write_bin
+from threefactor.data.datasets.nmnist import NMNIST
+from threefactor.data.formats.nmnist_bin import write_bin
 from threefactor.data.transforms import CenterCrop, Compose, Downsample, RandomTimeSlice, ToFrame
 
 
@@ -145,16 +146,16 @@ def test_sparse_and_dense_storage_round_trip(tmp_path):
 
 
 def test_parts_of_one_file_get_their_own_entries(tmp_path):
-    from threefactor.data import gesture
-    from threefactor.data.gesture import DVSGesture
+    from threefactor.data.datasets.dvs_gesture import DVSGesture
+    from threefactor.data.formats import aedat, label_csv
 
     rng = np.random.default_rng(5)
     d = tmp_path / "DvsGesture"
     d.mkdir()
     ev = make_events(rng.integers(0, 128, 400), rng.integers(0, 128, 400), np.sort(rng.integers(0, 10**6, 400)),
                      rng.integers(0, 2, 400))
-    gesture.write_aedat(d / "user03_led.aedat", ev)
-    gesture.write_labels_csv(d / "user03_led_labels.csv", [(1, 0, 400_000), (2, 500_000, 900_000)])
+    aedat.write_aedat(d / "user03_led.aedat", ev)
+    label_csv.write_labels_csv(d / "user03_led_labels.csv", [(1, 0, 400_000), (2, 500_000, 900_000)])
     ds = DVSGesture(tmp_path, "train")
     t = Compose([Downsample(4), ToFrame((32, 32, 2), 1000, 400)])
     cached = CachedDataset(ds, tmp_path / "cache", t)

@@ -7,14 +7,16 @@ import pytest
 import torch
 from data_helpers import assert_valid_events
 
-from threefactor.data import gesture, shd
+from threefactor.data.formats import aedat, label_csv, npy_events, shd_hdf5
 from threefactor.errors import DatasetNotFoundError
 from threefactor.data.events import make_events
-from threefactor.data.folder import EventFolder
-from threefactor.data.gesture import DVSGesture
-from threefactor.data.nmnist import NMNIST, write_bin
-from threefactor.data.saccades import SaccadeSpec, SimulatedNMNIST, simulate_saccades, saccade_path
-from threefactor.data.shd import SHD
+from threefactor.data.datasets.dvs_gesture import DVSGesture
+from threefactor.data.datasets.folder import EventFolder
+from threefactor.data.datasets.nmnist import NMNIST
+from threefactor.data.datasets.shd import SHD
+from threefactor.data.datasets.simulated_nmnist import SimulatedNMNIST
+from threefactor.data.formats.nmnist_bin import write_bin
+from threefactor.data.synthetic.saccades import SaccadeSpec, saccade_path, simulate_saccades
 from threefactor.data.transforms import CenterCrop, Compose, Downsample, TimeWindow, ToFrame
 
 
@@ -56,9 +58,9 @@ def _write_gesture_aedat(folder, user, rng, n_gestures=3):
     folder.mkdir(parents=True, exist_ok=True)
     ev = _random_events(rng, 3000, 128, 3_000_000)
     name = f"user{user:02d}_fluorescent"
-    gesture.write_aedat(folder / f"{name}.aedat", ev, packet_size=500)
+    aedat.write_aedat(folder / f"{name}.aedat", ev, packet_size=500)
     rows = [(k + 1, 200_000 + k * 900_000, 900_000 + k * 900_000) for k in range(n_gestures)]
-    gesture.write_labels_csv(folder / f"{name}_labels.csv", rows)
+    label_csv.write_labels_csv(folder / f"{name}_labels.csv", rows)
     return ev, rows
 
 
@@ -94,7 +96,7 @@ def test_dvsgesture_npy_layout(tmp_path):
         for label in (0, 10, 2):
             ev = _random_events(rng, 100, 128, 1_000_000)
             ev["t"] = ev["t"] // 1000 * 1000
-            gesture.write_gesture_npy(d / f"{label}.npy", ev)
+            npy_events.write_gesture_npy(d / f"{label}.npy", ev)
     ds = DVSGesture(tmp_path, "train")
     assert ds.layout == "npy" and len(ds) == 6 and ds.targets.tolist() == [0, 2, 10, 0, 2, 10]
     ev, label = ds[1]
@@ -113,7 +115,7 @@ def test_shd_dataset(tmp_path):
         ev = _random_events(rng, 200, 700, 1_000_000)
         ev["y"], ev["p"] = 0, 0
         samples.append(ev)
-    shd.write_shd(tmp_path / "shd_test.h5", samples, [3, 1, 4, 1, 5], keys=[f"c{i}" for i in range(20)])
+    shd_hdf5.write_shd(tmp_path / "shd_test.h5", samples, [3, 1, 4, 1, 5], keys=[f"c{i}" for i in range(20)])
     ds = SHD(tmp_path, "test", transform=ToFrame((700, 1, 1), 10_000, 100))
     assert len(ds) == 5 and ds.classes[3] == "c3" and ds.targets.tolist() == [3, 1, 4, 1, 5]
     x, y = ds[2]
@@ -130,7 +132,7 @@ def test_event_folder_class_subfolders_mixed_formats(tmp_path):
     rng = np.random.default_rng(3)
     (tmp_path / "wave").mkdir()
     (tmp_path / "clap" / "session2").mkdir(parents=True)
-    gesture.write_aedat(tmp_path / "wave" / "a.aedat", _random_events(rng, 50, 64, 10_000))
+    aedat.write_aedat(tmp_path / "wave" / "a.aedat", _random_events(rng, 50, 64, 10_000))
     np.save(tmp_path / "wave" / "b.npy", _random_events(rng, 50, 64, 10_000))
     write_bin(tmp_path / "clap" / "session2" / "c.bin", _random_events(rng, 50, 30, 10_000))
     ds = EventFolder(tmp_path)
@@ -143,7 +145,7 @@ def test_event_folder_class_subfolders_mixed_formats(tmp_path):
 def test_event_folder_labels_csv_and_segments(tmp_path):
     rng = np.random.default_rng(4)
     ev = _random_events(rng, 500, 32, 100_000)
-    gesture.write_aedat(tmp_path / "long.aedat", ev)
+    aedat.write_aedat(tmp_path / "long.aedat", ev)
     (tmp_path / "long_labels.csv").write_text("class,startTime_usec,endTime_usec\nup,0,40000\ndown,50000,90000\n")
     ds = EventFolder(tmp_path, sensor_size=(32, 32, 2), classes=["down", "up", "left"])
     assert ds.targets.tolist() == [1, 0] and ds[1][0]["t"].max() < 40_000
@@ -195,3 +197,8 @@ def test_simulated_nmnist_dataset(mnist_dir, shared_data):
     # Event counts of the same order as the real recordings of the same digits (1,069..7,152).
     n = [len(ds.events(i)) for i in range(3)]
     assert all(1000 < k < 8000 for k in n)
+
+
+def test_dvs_gesture_names_every_class_its_label_files_number():
+    """Label files number the classes 1..GESTURE_CLASS_COUNT; each number has a class name."""
+    assert len(DVSGesture.classes) == label_csv.GESTURE_CLASS_COUNT

@@ -12,12 +12,13 @@ import zipfile
 import numpy as np
 import pytest
 
-from threefactor.data import gesture
 from threefactor.data.download import Resource, check_integrity, download_url, extract_archive
 from threefactor.errors import DatasetNotFoundError, DownloadError
 from threefactor.data.events import make_events
-from threefactor.data.gesture import DVSGesture
-from threefactor.data.nmnist import NMNIST, encode_bin
+from threefactor.data.datasets.dvs_gesture import DVSGesture
+from threefactor.data.datasets.nmnist import NMNIST
+from threefactor.data.formats import npy_events
+from threefactor.data.formats.nmnist_bin import encode_bin
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -101,7 +102,7 @@ def test_dvsgesture_npy_download(server, tmp_path, monkeypatch):
         d.mkdir(parents=True, exist_ok=True)
         ev = make_events(rng.integers(0, 128, 30), rng.integers(0, 128, 30), np.sort(rng.integers(0, 10**6, 30)) // 1000 * 1000,
                          rng.integers(0, 2, 30))
-        gesture.write_gesture_npy(d / f"{label}.npy", ev)
+        npy_events.write_gesture_npy(d / f"{label}.npy", ev)
     with tarfile.open(served / "ibmGestureTest.tar.gz", "w:gz") as tf:
         tf.add(src / "ibmGestureTest", arcname="ibmGestureTest")
     md5 = hashlib.md5((served / "ibmGestureTest.tar.gz").read_bytes()).hexdigest()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from threefactor.data.nmnist import read_bin
+from threefactor.data.formats.nmnist_bin import read_bin
 
 ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "nmnist-small"
 

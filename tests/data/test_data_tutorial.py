@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from data_helpers import REPO_ROOT
-from threefactor.data import gesture
+from threefactor.data.formats import aedat, label_csv
 from threefactor.data.events import make_events
 
 TUTORIAL = REPO_ROOT / "docs" / "tutorial-own-recordings.md"
@@ -35,8 +35,8 @@ def test_tutorial_runs(tmp_path, monkeypatch):
             np.save(root / cls / f"take{k}.npy", _recording(rng))
     session = np.concatenate([_recording(rng), _recording(rng)])
     session["t"][3000:] += 500_000
-    gesture.write_aedat(root / "session3.aedat", session)
-    gesture.write_labels_csv(root / "session3_labels.csv", [("wave", 0, 400_000), ("clap", 500_000, 900_000)])
+    aedat.write_aedat(root / "session3.aedat", session)
+    label_csv.write_labels_csv(root / "session3_labels.csv", [("wave", 0, 400_000), ("clap", 500_000, 900_000)])
 
     blocks = _blocks()
     assert len(blocks) >= 5

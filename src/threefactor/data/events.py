@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 EVENT_DTYPE = np.dtype([("x", "<i2"), ("y", "<i2"), ("t", "<i8"), ("p", "<i1")])
+MAX_COORD = int(np.iinfo(EVENT_DTYPE["x"]).max)  # the largest x or y an event can hold
 
 
 def make_events(x, y, t, p) -> np.ndarray:

@@ -15,34 +15,35 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import DataConfig
 from ..errors import UnknownClassError
+from .cache import CachedDataset
+from .datasets.base import EventDataset
+from .datasets.dvs_gesture import DVSGesture
+from .datasets.embedded import MotionDataset
+from .datasets.folder import EventFolder
+from .datasets.nmnist import NMNIST
+from .datasets.shd import SHD
+from .datasets.simulated_nmnist import SimulatedNMNIST
 from .events import describe_sensor
+from .home import DATA_HOME_VARIABLE, resolve_root
+from .sensors import frame_size, geometry_problem
+from .synthetic.motion import MotionSpec
+from .synthetic.pixel_model import PixelModel
 from .transforms import CenterCrop, Compose, Crop, Downsample, RandomTimeSlice, TimeWindow, ToFrame
-
-if TYPE_CHECKING:
-    from ..config import DataConfig
 
 # Above this the frames of a split would not sit comfortably in memory: say so up front.
 MAX_IN_MEMORY_BYTES = 8 * 2**30
-# Binning one sample makes a count per (time bin, polarity, pixel), as int64 and float32: above
-# this many, a sensor size or a number of time steps is surely a mistake, not a plan.
-MAX_SAMPLE_VALUES = 2**27
 
 # An inferred sensor wider or taller than this is a stray coordinate, not a camera: the largest
 # event cameras are about 1280 x 960 pixels (a larger sensor can be declared).
 MAX_INFERRED_SIDE = 4096
-
-# The sensors of the datasets whose sensor is fixed; a folder's is declared or inferred.
-KNOWN_SENSORS: dict[str, tuple[int, int, int]] = {
-    "nmnist": (34, 34, 2), "simulated_nmnist": (34, 34, 2), "dvsgesture": (128, 128, 2),
-    "shd": (700, 1, 1),
-}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class FrameData:
     classes: tuple[str, ...]
     sensor_size: tuple[int, int, int] | None = None
     sensor_origin: str = ""
-    sources: tuple = ()
+    sources: tuple[tuple[str, str], ...] = ()
     empty_recordings: int = 0
     dropped_events: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -109,22 +110,17 @@ class LazyFrames:
         return out
 
 
-def _source_id(dataset, i: int) -> Any:
+def _source_id(dataset: EventDataset, i: int) -> tuple[str, str]:
     """A hashable name of sample ``i``'s recording: its real path and the part of it."""
-    if not hasattr(dataset, "source"):
-        return None
     path, part = dataset.source(i)
     return (os.path.realpath(path), repr(sorted(part.items())) if isinstance(part, dict) else repr(part))
 
 
-def _read_sample(dataset, i: int) -> tuple[Any, int, int, int]:
-    """(transformed sample, label, events kept, events dropped); events -1 when not known."""
-    if hasattr(dataset, "checked_events"):
-        events, dropped = dataset.checked_events(i)
-        x = dataset.transform(events) if dataset.transform is not None else events
-        return x, int(dataset.targets[i]), len(events), dropped
-    x, y = dataset[i]
-    return x, int(y), -1, 0
+def _read_sample(dataset: EventDataset, i: int) -> tuple[Any, int, int, int]:
+    """(transformed sample, label, events kept, events dropped)."""
+    events, dropped = dataset.checked_events(i)
+    x = dataset.transform(events) if dataset.transform is not None else events
+    return x, int(dataset.targets[i]), len(events), dropped
 
 
 class _Tally:
@@ -135,11 +131,11 @@ class _Tally:
         self.empty = self.dropped = self.dropping = 0
         self.first_empty = None
 
-    def add(self, dataset, i: int, n_events: int, dropped: int) -> None:
+    def add(self, dataset: EventDataset, i: int, n_events: int, dropped: int) -> None:
         if n_events == 0:
             self.empty += 1
             if self.first_empty is None:
-                self.first_empty = dataset.source(i)[0] if hasattr(dataset, "source") else f"sample {i}"
+                self.first_empty = dataset.source(i)[0]
         if dropped:
             self.dropped += dropped
             self.dropping += 1
@@ -160,7 +156,7 @@ class _Tally:
 
 
 def stack_frames(
-    dataset, indices: np.ndarray, classes, desc: str, progress: bool = True,
+    dataset: EventDataset, indices: np.ndarray, classes, desc: str, progress: bool = True,
     cache_dir: str | Path | None = None,
 ) -> FrameData:
     """Transform the samples ``indices`` of ``dataset`` into one FrameData (with a progress bar).
@@ -171,21 +167,18 @@ def stack_frames(
     in ``cache_dir`` (when the transform is deterministic, i.e. cacheable); its recordings are
     still all read (and checked) once, here.
     """
-    sensor = getattr(dataset, "sensor_size", None)
+    sensor = dataset.sensor_size
     tally = _Tally(desc, len(indices))
     sources = tuple(_source_id(dataset, int(i)) for i in indices)
     first_sample = _read_sample(dataset, int(indices[0])) if len(indices) else (np.zeros((0,)), 0, -1, 0)
     first = np.asarray(first_sample[0])
     nbytes = first.size * len(indices)
     if nbytes > MAX_IN_MEMORY_BYTES:
-        if hasattr(dataset, "checked_events"):
-            for i in indices:
-                events, dropped = dataset.checked_events(int(i))
-                tally.add(dataset, int(i), len(events), dropped)
+        for i in indices:
+            events, dropped = dataset.checked_events(int(i))
+            tally.add(dataset, int(i), len(events), dropped)
         warnings = tally.finish(sensor)
         if cache_dir is not None:
-            from .cache import CachedDataset
-
             try:
                 dataset = CachedDataset(dataset, cache_dir, dataset.transform)
             except TypeError:  # a random transform (a random time slice) cannot be cached
@@ -207,89 +200,45 @@ def stack_frames(
                      empty_recordings=tally.empty, dropped_events=tally.dropped, warnings=warnings)
 
 
-def _subset(n_available: int, n_wanted: int, seed: int) -> np.ndarray:
-    """A seeded random subset (all of them, shuffled, when ``n_wanted >= n_available``)."""
+def sample_indices(n_available: int, n_wanted: int, seed: int) -> np.ndarray:
+    """A seeded random subset of ``range(n_available)``, sorted (all of it when ``n_wanted >= n_available``)."""
     order = np.random.default_rng(seed).permutation(n_available)
     return np.sort(order[: min(n_wanted, n_available)])
 
 
-def frame_size(d: "DataConfig", sensor_size: tuple[int, int, int]) -> tuple[int, int]:
-    """(W, H) of the frames a sensor gives after ``data.downsample`` and ``data.crop``."""
-    if d.crop is not None:
-        return d.crop, d.crop
-    return sensor_size[0] // d.downsample, sensor_size[1] // d.downsample
-
-
-def geometry_problem(d: "DataConfig", sensor_size: tuple[int, int, int], sensor_name: str) -> str | None:
-    """Why the size settings of ``d`` do not fit ``sensor_size`` (the sensor of ``sensor_name``),
-    or None: downsampling and cropping must leave at least one pixel, and one sample's count
-    frames must stay below ``MAX_SAMPLE_VALUES``."""
-    width, height, n_pol = sensor_size
-    f = d.downsample
-    if width // f < 1 or height // f < 1:
-        return (f"'data.downsample' ({f}) is larger than the {width} x {height} sensor of {sensor_name}, "
-                "so no pixel would be left")
-    if d.crop is not None and (d.crop > width // f or d.crop > height // f):
-        after = f" after 'data.downsample' {f}" if f > 1 else ""
-        return (f"'data.crop' ({d.crop}) is larger than the {width // f} x {height // f} frames of "
-                f"{sensor_name}{after}")
-    w, h = frame_size(d, sensor_size)
-    steps = max(d.timesteps, d.test_timesteps or 0)
-    values = steps * n_pol * h * w
-    if values > MAX_SAMPLE_VALUES:
-        return (f"one sample's frames would hold {steps} x {n_pol} x {h} x {w} = {values:,} counts "
-                f"({values * 12 / 2**30:.0f} GiB to bin), from the {width} x {height} sensor of "
-                f"{sensor_name}; lower data.timesteps or crop or downsample the frames")
-    return None
-
-
 def load_split(
-    d: "DataConfig", split: str, progress: bool = True, layout: SplitLayout | None = None,
+    d: DataConfig, split: str, progress: bool = True, layout: SplitLayout | None = None,
 ) -> FrameData:
     """One split ("train" or "test") of the dataset a data config describes.
 
     ``layout`` is the training split's (``load_splits`` passes it on); without it, a test split
-    takes it from the training split's files (a folder's inferred sensor reads them all).
+    takes it from the training split (a folder's inferred sensor reads all its files).
     """
     n = d.n_train if split == "train" else d.n_test
-    if d.dataset == "embedded":
-        from .embedded import MotionDataset, MotionSpec
-        from .pixel_model import PixelModel
-
-        spec = MotionSpec(
-            timesteps=d.timesteps, speed=d.speed, contrast=d.contrast, dots_per_view=d.dots_per_view,
-            pixel=PixelModel(threshold=d.threshold, noise_rate_hz=d.noise_rate_hz),
-        )
-        ds = MotionDataset(split, n, d.seed, spec)
-        return stack_frames(ds, np.arange(len(ds)), ds.classes, f"{split} frames", progress)
-
     steps = d.timesteps if split == "train" else (d.test_timesteps or d.timesteps)
     if layout is None and split != "train":
         layout = dataset_layout(d)
-    ds, window = _file_dataset(d, split, steps, layout)
+    ds = open_dataset(d, split, layout)
     if layout is None:
         layout = _layout_of(d, ds)
     problem = geometry_problem(d, ds.sensor_size, _sensor_name(d, layout))
     if problem is not None:
         raise ValueError(problem)
-    to_frame = ToFrame(_frame_sensor(ds.sensor_size, d), d.dt_us, steps)
-    ds.transform = Compose([*window, *_spatial(ds.sensor_size, d), to_frame])
-    idx = _subset(len(ds), n, d.seed + (split == "test"))
+    ds.transform = frame_transform(d, split, ds.sensor_size, steps)
+    idx = sample_indices(len(ds), n, d.seed + (split == "test"))
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else None
     data = stack_frames(ds, idx, ds.classes, f"{d.dataset} {split}", progress, cache)
     data.sensor_origin = layout.sensor_origin
     return data
 
 
-def load_splits(d: "DataConfig", progress: bool = True) -> tuple[FrameData, FrameData]:
+def load_splits(d: DataConfig, progress: bool = True) -> tuple[FrameData, FrameData]:
     """Both splits with one layout (the training split's), and a warning on the test split when
     some of its samples are training samples too (the same recording, or the same part of one)."""
     train = load_split(d, "train", progress)
-    layout = None
-    if d.dataset != "embedded":
-        layout = SplitLayout(train.classes, train.sensor_size, train.sensor_origin)
+    layout = SplitLayout(train.classes, train.sensor_size, train.sensor_origin)
     test = load_split(d, "test", progress, layout)
-    shared = set(train.sources) & set(test.sources) - {None}
+    shared = set(train.sources) & set(test.sources)
     if shared:
         n_shared = sum(s in shared for s in test.sources)
         hint = ""
@@ -301,13 +250,12 @@ def load_splits(d: "DataConfig", progress: bool = True) -> tuple[FrameData, Fram
     return train, test
 
 
-def dataset_layout(d: "DataConfig") -> SplitLayout:
+def dataset_layout(d: DataConfig) -> SplitLayout:
     """The class list and sensor of the dataset ``d`` describes, from its training split."""
-    ds, _ = _file_dataset(d, "train", d.timesteps, None)
-    return _layout_of(d, ds)
+    return _layout_of(d, open_dataset(d, "train"))
 
 
-def _layout_of(d: "DataConfig", train_ds) -> SplitLayout:
+def _layout_of(d: DataConfig, train_ds: EventDataset) -> SplitLayout:
     inferred = getattr(train_ds, "sensor_inferred_from", None)
     if inferred:
         origin = f"inferred from {inferred}"
@@ -316,7 +264,7 @@ def _layout_of(d: "DataConfig", train_ds) -> SplitLayout:
     return SplitLayout(tuple(train_ds.classes), tuple(train_ds.sensor_size), origin)
 
 
-def _sensor_name(d: "DataConfig", layout: SplitLayout) -> str:
+def _sensor_name(d: DataConfig, layout: SplitLayout) -> str:
     """The sensor's owner, for messages: 'nmnist', or a folder and where its size came from."""
     if d.dataset != "folder":
         return d.dataset
@@ -325,29 +273,7 @@ def _sensor_name(d: "DataConfig", layout: SplitLayout) -> str:
     return f"{d.root} (data.sensor_size)"
 
 
-DATA_HOME_VARIABLE = "THREEFACTOR_DATA"
-
-
-def data_home() -> Path:
-    """Where the presets' datasets live: ``$THREEFACTOR_DATA``, else ``$XDG_DATA_HOME/threefactor``
-    (``~/.local/share/threefactor``)."""
-    home = os.environ.get(DATA_HOME_VARIABLE)
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
-    return Path(xdg).expanduser() / "threefactor"
-
-
-def resolve_root(root: str) -> Path:
-    """``data.root`` as a path: ``$THREEFACTOR_DATA`` (or ``${THREEFACTOR_DATA}``) at its start
-    is ``data_home()``, ``~`` the user's home; anything else is relative to the working directory."""
-    for var in (f"${{{DATA_HOME_VARIABLE}}}", f"${DATA_HOME_VARIABLE}"):
-        if root == var or root.startswith(var + "/"):
-            return data_home() / root[len(var) + 1:]
-    return Path(root).expanduser()
-
-
-def _folder_roots(d: "DataConfig") -> tuple[Path, Path]:
+def _folder_roots(d: DataConfig) -> tuple[Path, Path]:
     root = resolve_root(d.root)
     train, test = root / "train", root / "test"
     if train.is_dir() != test.is_dir():
@@ -357,9 +283,38 @@ def _folder_roots(d: "DataConfig") -> tuple[Path, Path]:
     return (train, test) if train.is_dir() else (root, root)
 
 
-def _file_dataset(d: "DataConfig", split: str, steps: int, layout: SplitLayout | None = None):
-    """The dataset of one split and its time window; a test split gets ``layout`` (the training
-    split's classes and sensor) and is checked against it."""
+def open_dataset(d: DataConfig, split: str, layout: SplitLayout | None = None) -> EventDataset:
+    """The dataset of one split (``load_split`` gives it ``frame_transform``); a test split gets
+    ``layout`` (the training split's classes and sensor) and is checked against it."""
+    if d.dataset == "embedded":
+        spec = MotionSpec(
+            timesteps=d.timesteps, speed=d.speed, contrast=d.contrast, dots_per_view=d.dots_per_view,
+            pixel=PixelModel(threshold=d.threshold, noise_rate_hz=d.noise_rate_hz),
+        )
+        ds = MotionDataset(split, d.n_train if split == "train" else d.n_test, d.seed, spec)
+    else:
+        ds = _recorded_dataset(d, split, layout)
+    if layout is not None and tuple(ds.classes) != tuple(layout.classes):
+        theirs, ours = tuple(ds.classes), tuple(layout.classes)
+        k = next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ValueError(
+            f"the {split} split of {_where(d)} names {len(theirs)} classes and the training split {len(ours)}, "
+            f"and they differ at class {k} ({theirs[k] if k < len(theirs) else 'none'!r} here, "
+            f"{ours[k] if k < len(ours) else 'none'!r} in training): a class index must mean the same "
+            "class in every split")
+    if layout is not None and tuple(ds.sensor_size) != tuple(layout.sensor_size):
+        raise ValueError(f"the {split} split of {_where(d)} has a {describe_sensor(ds.sensor_size)}, the "
+                         f"training split a {describe_sensor(layout.sensor_size)}")
+    return ds
+
+
+def _where(d: DataConfig) -> str:
+    """The dataset, for messages: its root folder, or the name of a dataset made here."""
+    return str(resolve_root(d.root)) if d.root is not None else f"the {d.dataset} dataset"
+
+
+def _recorded_dataset(d: DataConfig, split: str, layout: SplitLayout | None) -> EventDataset:
+    """The dataset of one split of recordings under ``data.root``."""
     if d.root is None:
         raise FileNotFoundError(f"data.dataset '{d.dataset}' needs data.root, the folder of its files")
     root = resolve_root(d.root)
@@ -369,50 +324,32 @@ def _file_dataset(d: "DataConfig", split: str, steps: int, layout: SplitLayout |
             f"{'set to ' + os.environ[DATA_HOME_VARIABLE] if os.environ.get(DATA_HOME_VARIABLE) else 'not set'}; "
             f"point {DATA_HOME_VARIABLE} at the folder that holds your datasets, or set data.root "
             "(or data.download: true where the dataset has a download)")
-    window: list = []
     if d.dataset == "nmnist":
-        from .nmnist import NMNIST
+        return NMNIST(root, split, download=d.download, outside_sensor=d.outside_sensor)
+    if d.dataset == "simulated_nmnist":
+        return SimulatedNMNIST(root, split, n=(d.n_train if split == "train" else d.n_test), seed=d.seed)
+    if d.dataset == "dvsgesture":
+        return DVSGesture(root, split, download=d.download, outside_sensor=d.outside_sensor)
+    if d.dataset == "shd":
+        return SHD(root, split, download=d.download, outside_sensor=d.outside_sensor)
+    if d.dataset == "folder":
+        return _event_folder(d, split, layout)
+    raise ValueError(f"unknown dataset {d.dataset!r}")  # the config's Literal makes this unreachable
 
-        ds = NMNIST(root, split, download=d.download, outside_sensor=d.outside_sensor)
-    elif d.dataset == "simulated_nmnist":
-        from .saccades import SimulatedNMNIST
 
-        ds = SimulatedNMNIST(root, split, n=(d.n_train if split == "train" else d.n_test), seed=d.seed)
-    elif d.dataset == "dvsgesture":
-        from .gesture import DVSGesture
-
-        ds = DVSGesture(root, split, download=d.download, outside_sensor=d.outside_sensor)
-    elif d.dataset == "shd":
-        from .shd import SHD
-
-        ds = SHD(root, split, download=d.download, outside_sensor=d.outside_sensor)
-    elif d.dataset == "folder":
-        ds = _event_folder(d, split, layout)
-    else:  # the config's Literal makes this unreachable
-        raise ValueError(f"unknown dataset {d.dataset!r}")
-    if layout is not None and tuple(ds.classes) != tuple(layout.classes):
-        theirs, ours = tuple(ds.classes), tuple(layout.classes)
-        k = next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-        raise ValueError(
-            f"the {split} split of {root} names {len(theirs)} classes and the training split {len(ours)}, "
-            f"and they differ at class {k} ({theirs[k] if k < len(theirs) else 'none'!r} here, "
-            f"{ours[k] if k < len(ours) else 'none'!r} in training): a class index must mean the same "
-            "class in every split")
-    if layout is not None and tuple(ds.sensor_size) != tuple(layout.sensor_size):
-        raise ValueError(f"the {split} split of {root} has a {describe_sensor(ds.sensor_size)}, the "
-                         f"training split a {describe_sensor(layout.sensor_size)}")
+def frame_transform(d: DataConfig, split: str, sensor_size: tuple[int, int, int], steps: int) -> Compose:
+    """Events of ``sensor_size`` -> the (T, P, H, W) count frames of ``split``: a time window of
+    ``steps`` bins (at a random start, drawn once per run from the data seed, for a training split
+    with ``data.random_slice``), ``data.downsample`` and ``data.crop``, then binning."""
     duration = steps * d.dt_us
     if split == "train" and d.random_slice:
-        # Drawn once per run from the data seed (frames are built once and kept in memory).
-        window = [RandomTimeSlice(duration, seed=d.seed)]
+        window = RandomTimeSlice(duration, seed=d.seed)
     else:
-        window = [TimeWindow(duration)]
-    return ds, window
+        window = TimeWindow(duration)
+    return Compose([window, *_spatial(sensor_size, d), ToFrame(_frame_sensor(sensor_size, d), d.dt_us, steps)])
 
 
-def _event_folder(d: "DataConfig", split: str, layout: SplitLayout | None):
-    from .folder import EventFolder
-
+def _event_folder(d: DataConfig, split: str, layout: SplitLayout | None) -> EventFolder:
     folder = _folder_roots(d)[split == "test"]
     if layout is None:  # the training split: declared classes and sensor, or its own
         try:
@@ -439,7 +376,7 @@ def _event_folder(d: "DataConfig", split: str, layout: SplitLayout | None):
             "samples, or be listed in data.classes") from None
 
 
-def _spatial(sensor_size: tuple[int, ...], d: "DataConfig") -> list:
+def _spatial(sensor_size: tuple[int, ...], d: DataConfig) -> list:
     steps: list = []
     if d.downsample > 1:
         w, h = sensor_size[0] // d.downsample, sensor_size[1] // d.downsample
@@ -453,7 +390,7 @@ def _spatial(sensor_size: tuple[int, ...], d: "DataConfig") -> list:
     return steps
 
 
-def _frame_sensor(sensor_size: tuple[int, ...], d: "DataConfig") -> tuple[int, int, int]:
+def _frame_sensor(sensor_size: tuple[int, ...], d: DataConfig) -> tuple[int, int, int]:
     w, h = frame_size(d, sensor_size)
     return (w, h, sensor_size[2])
 

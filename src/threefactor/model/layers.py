@@ -1,9 +1,13 @@
-"""Thin modules around the step functions: ``forward(x, state=None) -> (out, state)``."""
+"""Thin modules around the step functions: ``forward(x, state=None) -> (out, state)``.
+
+``SpikingLayer`` is that contract; ``DecolleLayer`` and ``LIFLayer`` keep it, and so may any
+user's layer (``DecolleNetwork.from_layers``).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -12,16 +16,34 @@ from .neurons import (
     DecolleOutput,
     DecolleParams,
     DecolleState,
-    LIF_SURROGATES,
     LIFParams,
     LIFState,
-    LIFSurrogate,
-    Surrogate,
     decolle_step,
     initial_decolle_state,
     lif_psi,
     lif_step,
 )
+from .surrogates import LIF_SURROGATES, LIFSurrogate, Surrogate
+
+
+class StepOutput(Protocol):
+    """What one step of a layer gives: its spikes and its membrane potentials (a NamedTuple)."""
+
+    @property
+    def s(self) -> Tensor: ...  # spikes, (B, ...): the next layer's input and the readout's
+
+    @property
+    def u(self) -> Tensor: ...  # membrane potentials, (B, ...), graph attached for the local loss
+
+
+class SpikingLayer(Protocol):
+    """The step contract of a layer of a ``DecolleNetwork``: an ``nn.Module`` whose
+    ``forward(x, state)`` takes a batch of input ``x`` (B, ...) and its state of the previous
+    step (``None`` at the first step) and returns ``(out, state)``: ``out`` has the spikes
+    ``.s`` and membranes ``.u``, ``state`` is a NamedTuple of tensors (the network detaches
+    each of them between steps for the local rules)."""
+
+    def __call__(self, x: Tensor, state: Any = None) -> tuple[StepOutput, tuple[Tensor, ...]]: ...
 
 
 # A conv DecolleLayer with at least this many input channels keeps its input, traces and
@@ -89,6 +111,26 @@ class DecolleLayer(nn.Module):
         if state is None:
             state = self.initial_state(x)
         return decolle_step(x, state, self.params, self.synapse, self.pool, self.surrogate)
+
+    def supports_closed_form(self) -> bool:
+        """Whether this layer's step is one the DECOLLE rule's closed-form gradient computes:
+        this class's own ``forward`` (a subclass that overrides it is not), a synapse that runs
+        ``nn.Linear``'s or ``nn.Conv2d``'s own forward (the conv zero-padded by an explicit
+        amount), and no pooling or a non-overlapping max-pool without padding or dilation."""
+        if type(self).forward is not DecolleLayer.forward:
+            return False
+        syn = self.synapse
+        if isinstance(syn, nn.Conv2d):
+            if (type(syn).forward is not nn.Conv2d.forward or syn.padding_mode != "zeros"
+                    or isinstance(syn.padding, str)):
+                return False
+        elif not (isinstance(syn, nn.Linear) and type(syn).forward is nn.Linear.forward):
+            return False
+        pool = self.pool
+        return pool is None or (
+            isinstance(pool, nn.MaxPool2d) and type(pool).forward is nn.MaxPool2d.forward
+            and isinstance(pool.kernel_size, int) and pool.stride == pool.kernel_size
+            and pool.padding == 0 and pool.dilation == 1 and not pool.ceil_mode and not pool.return_indices)
 
 
 def keep_mask(rand: Tensor, p: float) -> Tensor:

@@ -1,5 +1,7 @@
 """Neuron models as pure step functions: ``step(x, state, params) -> (out, state)``.
 
+They spike through ``surrogates.spike`` (Heaviside forward, surrogate derivative backward).
+
 The DECOLLE neuron (Kaiser, Mostafa & Neftci 2020, Eq. 4) keeps its leaky traces on the
 *input* side of the synapse: Q and P filter the presynaptic spikes, so the weight update
 ``dW = error * sigma'(U) * P`` is a product of quantities local to the synapse.
@@ -13,89 +15,12 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-Surrogate = Literal["boxcar", "fast_sigmoid", "sigmoid"]
+from .surrogates import LIF_SURROGATES, LIFSurrogate, Surrogate, fires, spike, surrogate_derivative
+
 Ordering = Literal["current", "lagged"]
 Refractory = Literal["after_pool", "before_pool"]
 ORDERINGS: tuple[str, ...] = ("current", "lagged")
 REFRACTORY_PLACEMENTS: tuple[str, ...] = ("after_pool", "before_pool")
-
-
-# --- surrogate gradients -------------------------------------------------------------
-# Forward is the Heaviside step; only the backward (sigma'(u)) depends on the surrogate.
-
-
-def _boxcar(u: Tensor) -> Tensor:
-    """1 on [-0.5, 0.5]: the derivative of a piecewise-linear activation (the paper)."""
-    return (u.abs() <= 0.5).to(u.dtype)
-
-
-def _fast_sigmoid(u: Tensor) -> Tensor:
-    """1 / (10|u| + 1)^2 (SuperSpike; the authors' current default)."""
-    return 1.0 / (10.0 * u.abs() + 1.0) ** 2
-
-
-def _sigmoid(u: Tensor) -> Tensor:
-    """s(u)(1 - s(u)) with the logistic s, slope 1."""
-    s = torch.sigmoid(u)
-    return s * (1.0 - s)
-
-
-def _authors_linear(u: Tensor) -> Tensor:
-    """1 / (100|u| + 1)^2: the Psi of the S-TLLR authors' dense and recurrent layers (a fast
-    sigmoid ten times narrower)."""
-    return 1.0 / (100.0 * u.abs() + 1.0) ** 2
-
-
-def _authors_conv(u: Tensor) -> Tensor:
-    """0.3 max(0, 1 - |u|): the Psi of the S-TLLR authors' convolutional layers."""
-    return 0.3 * (1.0 - u.abs()).clamp(min=0.0)
-
-
-SURROGATE_DERIVATIVES: dict[str, Callable[[Tensor], Tensor]] = {
-    "boxcar": _boxcar,
-    "fast_sigmoid": _fast_sigmoid,
-    "sigmoid": _sigmoid,
-    "authors_linear": _authors_linear,
-    "authors_conv": _authors_conv,
-}
-# The surrogates of DECOLLE networks; LIF networks (S-TLLR) also take the S-TLLR authors' two.
-SURROGATES: tuple[str, ...] = ("boxcar", "fast_sigmoid", "sigmoid")
-
-
-def surrogate_derivative(u: Tensor, surrogate: Surrogate = "boxcar") -> Tensor:
-    """sigma'(u) in closed form (the post-synaptic factor of the three-factor rule)."""
-    try:
-        return SURROGATE_DERIVATIVES[surrogate](u)
-    except KeyError:
-        raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATE_DERIVATIVES)}") from None
-
-
-def fires(u: Tensor, spike_at_zero: bool = True) -> Tensor:
-    """Theta(u) without a gradient: 1.0 where ``u >= 0`` (or ``u > 0`` when not ``spike_at_zero``)."""
-    return (u >= 0 if spike_at_zero else u > 0).to(u.dtype)
-
-
-class _Spike(torch.autograd.Function):
-    """Theta(u) forward, the surrogate's sigma'(u) backward."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor, surrogate: str, spike_at_zero: bool) -> Tensor:
-        ctx.save_for_backward(u)
-        ctx.surrogate = surrogate
-        return fires(u, spike_at_zero)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (u,) = ctx.saved_tensors
-        return grad * SURROGATE_DERIVATIVES[ctx.surrogate](u), None, None
-
-
-def spike(u: Tensor, surrogate: Surrogate = "boxcar", spike_at_zero: bool = True) -> Tensor:
-    """Theta(u) with the chosen surrogate derivative for autograd: 1.0 where ``u >= 0``, or
-    where ``u > 0`` when not ``spike_at_zero`` (the authors' fast-sigmoid neurons)."""
-    if surrogate not in SURROGATE_DERIVATIVES:
-        raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATE_DERIVATIVES)}")
-    return _Spike.apply(u, surrogate, spike_at_zero)
 
 
 # --- the DECOLLE neuron ----------------------------------------------------------------
@@ -228,10 +153,6 @@ def detach_state(state: DecolleState) -> DecolleState:
 
 Reset = Literal["soft", "hard"]
 RESETS: tuple[str, ...] = ("soft", "hard")
-# Psi, the derivative of the spike's surrogate: the surrogates above plus the two the S-TLLR
-# authors ship (their dense and recurrent layers use authors_linear, their conv layers authors_conv).
-LIFSurrogate = Literal["boxcar", "fast_sigmoid", "sigmoid", "authors_linear", "authors_conv"]
-LIF_SURROGATES: tuple[str, ...] = (*SURROGATES, "authors_linear", "authors_conv")
 
 
 def lif_psi(u: Tensor, v_th: float, surrogate: LIFSurrogate = "boxcar") -> Tensor:

@@ -16,16 +16,24 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .export import POOL_KEY, NIRError, meta_value, import_nir, read_graph, from_nir
+from ..errors import NIRError
+from .graph import POOL_KEY, first_layer_number, import_nir, layer_name, meta_value, read_graph, readout_name
+from .load import from_nir
 
-__all__ = ["IMPORTERS", "ImporterResult", "CheckReport", "check_nir", "nirtorch_node_map", "format_report"]
+if TYPE_CHECKING:  # pragma: no cover
+    import nir
+
+__all__ = [
+    "IMPORTERS", "ImporterResult", "CheckReport", "check_nir", "nirtorch_node_map", "format_report",
+    "with_one_output",
+]
 
 IMPORTERS: tuple[str, ...] = ("threefactor", "norse", "snntorch", "nirtorch")
 _PACKAGES = {"norse": "norse", "snntorch": "snntorch", "nirtorch": "nirtorch"}
@@ -192,10 +200,10 @@ def _import(graph, importer: str) -> tuple[nn.Module, Callable[[nn.Module], None
             return module, reset
         import nirtorch
 
-        return nirtorch.nir_to_torch(_one_output(graph), nirtorch_node_map(dt)), lambda m: None
+        return nirtorch.nir_to_torch(with_one_output(graph), nirtorch_node_map(dt)), lambda m: None
 
 
-def _one_output(graph):
+def with_one_output(graph: "nir.NIRGraph") -> "nir.NIRGraph":
     """``graph`` with one Output, the last layer's readout (or its spikes without readouts):
     nirtorch's nir_to_torch never returns on a graph with more. The branches that fed only
     the other outputs go with them."""
@@ -203,7 +211,7 @@ def _one_output(graph):
     outputs = [k for k, n in graph.nodes.items() if isinstance(n, nir.Output)]
     if len(outputs) <= 1:
         return graph
-    last = f"readout{int(meta_value(graph.metadata, 'n_layers')) - 1}"
+    last = readout_name(int(meta_value(graph.metadata, "n_layers")) - 1, first_layer_number(graph))
     drop = set(outputs) - {last if last in outputs else "output"}
     while True:
         succ: dict[str, set] = {k: set() for k in graph.nodes}
@@ -249,14 +257,16 @@ def _layer_nodes(graph, n_layers: int) -> list[tuple[str, str, int]]:
     """Per layer: the node whose input is U (unpooled when it is the OR of a pool), the node
     whose output is the layer's spikes, and the pool size to take U's max over."""
     out = []
+    first = first_layer_number(graph)
     for i in range(n_layers):
-        spike = f"layer{i}_spike"
-        if f"layer{i}_neurons" in graph.nodes:  # portable: LIF neurons, then the OR of the pool
-            k = int(np.asarray(graph.nodes[f"layer{i}_pool"].kernel_size).reshape(-1)[0])
-            out.append((f"layer{i}_neurons", spike, k))
-        elif f"layer{i}_neurons_spike" in graph.nodes:  # exact, refractory before the pool
-            k = int(np.asarray(graph.nodes[f"layer{i}_pool"].kernel_size).reshape(-1)[0])
-            out.append((f"layer{i}_neurons_spike", spike, k))
+        name = layer_name(i, first)
+        spike = f"{name}_spike"
+        if f"{name}_neurons" in graph.nodes:  # portable: LIF neurons, then the OR of the pool
+            k = int(np.asarray(graph.nodes[f"{name}_pool"].kernel_size).reshape(-1)[0])
+            out.append((f"{name}_neurons", spike, k))
+        elif f"{name}_neurons_spike" in graph.nodes:  # exact, refractory before the pool
+            k = int(np.asarray(graph.nodes[f"{name}_pool"].kernel_size).reshape(-1)[0])
+            out.append((f"{name}_neurons_spike", spike, k))
         else:
             out.append((spike, spike, 1))
     return out

@@ -13,8 +13,9 @@
 
 Time axes are in ms: steps times the run's bin, ``data.dt_us``.
 
-``plot_run(RUN_DIR)`` redraws them from a finished or running run (checkpoint + metrics.jsonl);
-it is what ``threefactor plot RUN_DIR`` calls.
+``PlotsObserver`` draws them when a run ends; ``threefactor.run.evaluate.plot_run(RUN_DIR)``
+redraws them from a finished or running run (checkpoint + metrics.jsonl), for ``threefactor
+plot RUN_DIR``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_atomic
+from ..run.trainer import Observer
 
 PLOTS_DIR = "plots"
 PLOT_FILES = ("error_curves.png", "filters.png", "neuron_states.png", "input_events.png")
@@ -397,15 +399,16 @@ def _plot_input_raster(f: np.ndarray, label: int, classes: Sequence[str], path: 
 def draw_run(
     run_dir: str | Path,
     network,
-    cfg,
     frames: Tensor,
     label: int,
     classes: Sequence[str],
     rows: Sequence[dict] | None = None,
+    burn_in: int = 0,
+    dt_ms: float = 1.0,
 ) -> list[Path]:
-    """All the plots of a run into ``run_dir/plots``; returns their paths. Time axes are in ms,
-    with the run's own bins (``data.dt_us``)."""
-    dt_ms = cfg.data.dt_us / 1000.0
+    """All the plots of a run into ``run_dir/plots``; returns their paths. ``frames`` (T, ...)
+    and ``label``: the sample whose states and events are drawn. Time axes are in ms, steps of
+    ``dt_ms`` (the run's bin, ``data.dt_us``)."""
     run_dir = Path(run_dir)
     out = run_dir / PLOTS_DIR
     if rows is None:
@@ -413,48 +416,57 @@ def draw_run(
     paths = [
         plot_error_curves(rows, out / "error_curves.png", title=run_dir.name),
         plot_filters(network, tuple(frames.shape[1:]), out / "filters.png"),
-        plot_neuron_states(network, frames, label, classes, out / "neuron_states.png", cfg.rule.burn_in,
-                           dt_ms),
+        plot_neuron_states(network, frames, label, classes, out / "neuron_states.png", burn_in, dt_ms),
         plot_input_events(frames, label, classes, out / "input_events.png", dt_ms=dt_ms),
     ]
     return paths
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Redraw the plots of a finished or running run from its checkpoint and metrics.jsonl."""
-    from ..errors import RunError
-    from ..run.checkpoint import load_checkpoint
-    from ..run.from_config import load_split
+def plot_confusion(confusion: np.ndarray, accuracy: Sequence[float], classes: Sequence[str], path: str | Path) -> Path:
+    """One panel per layer of ``confusion`` (L, C, C counts, row = true class, column = the
+    class the layer voted): the fractions of each true class."""
+    n_layers, n_classes = confusion.shape[:2]
+    fig = new_figure(3.6 * n_layers, 3.4)
+    axes = fig.subplots(1, n_layers, squeeze=False)[0]
+    per_class = confusion.sum(2, keepdims=True).clip(min=1)
+    for layer, ax in enumerate(axes):
+        ax.imshow(confusion[layer] / per_class[layer], vmin=0, vmax=1, cmap="Blues")
+        ax.set_title(f"layer {layer + 1}: {100 * accuracy[layer]:.1f} %")
+        ticks = range(n_classes)
+        labels = [str(c)[:8] for c in classes] if n_classes <= 20 else None
+        if labels:
+            ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
+            ax.set_yticks(ticks, labels, fontsize=7)
+        ax.set_xlabel("voted class")
+        ax.set_ylabel("true class")
+    return save_figure(fig, path)
 
-    from ..data.splits import SplitLayout
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: not a run directory")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise RunError("plotting needs matplotlib (pip install matplotlib)") from None
-    out = run_dir / PLOTS_DIR
-    try:  # before the slow part: a directory we cannot write fails now, in one sentence
-        out.mkdir(exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as err:
-        raise RunError(f"cannot write the plots into {out}: {err.strerror}") from None
-    network, cfg, payload = load_checkpoint(run_dir)
-    network.eval()
-    try:
-        rows = read_metrics(run_dir / "metrics.jsonl")
-    except (OSError, ValueError) as err:
-        raise RunError(f"cannot read the metrics of {run_dir}: {getattr(err, 'strerror', None) or err}") from None
-    layout = None
-    if payload.get("sensor_size") is not None:  # the training split's, as the run saw it
-        layout = SplitLayout(tuple(payload["classes"]), tuple(payload["sensor_size"]),
-                             "recorded in the run's checkpoint")
-    test = load_split(cfg, "test", layout)
-    if list(test.input_shape) != list(payload["input_shape"]):
-        raise RunError(f"{run_dir}: the data its config makes no longer fits the checkpoint")
-    try:
-        return draw_run(run_dir, network, cfg, test.frames[0], int(test.labels[0]), test.classes, rows)
-    except OSError as err:
-        raise RunError(f"cannot write the plots into {out}: {err.strerror or err}") from None
+class PlotsObserver(Observer):
+    """Draws ``draw_run``'s plots when the run ends, of the sample ``frames`` (T, ...) with
+    ``label``. A drawing problem is logged and never costs a finished run its results."""
+
+    def __init__(self, frames: Tensor, label: int, classes: Sequence[str], *, burn_in: int = 0,
+                 dt_ms: float = 1.0) -> None:
+        self.frames, self.label, self.classes = frames, label, list(classes)
+        self.burn_in, self.dt_ms = burn_in, dt_ms
+        self.run_dir: Path | None = None
+        self.log = print
+
+    def on_start(self, run) -> None:
+        self.run_dir, self.log = run.out_dir, run.log
+
+    def on_end(self, summary: dict, network) -> None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.log("plots: skipped, matplotlib is not installed (pip install matplotlib)")
+            return
+        try:
+            paths = draw_run(self.run_dir, network, self.frames, self.label, self.classes,
+                             burn_in=self.burn_in, dt_ms=self.dt_ms)
+        except Exception as err:  # noqa: BLE001 - the run's results are already written
+            self.log(f"plots: could not draw them ({type(err).__name__}: {err}); retry with "
+                     f"threefactor plot {self.run_dir}")
+            return
+        self.log(f"plots: {', '.join(p.name for p in paths)} in {self.run_dir / PLOTS_DIR}")

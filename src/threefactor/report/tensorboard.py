@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..run.trainer import BatchMetrics, Observer, RunStart, SplitMetrics
+
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -80,3 +82,32 @@ def open_tensorboard(
         log("tensorboard: not installed, so only metrics.jsonl is written "
             "(pip install tensorboard, or set train.tensorboard: false)")
         return NullLog()
+
+
+class TensorBoardObserver(Observer):
+    """Writes a run's TensorBoard events into ``RUN_DIR/tensorboard`` as the trainer reports:
+    batch losses and rates, every evaluation, weight histograms per epoch. Without the
+    ``tensorboard`` package it says so once and writes nothing."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.board: NullLog = NullLog()
+
+    def on_start(self, run: RunStart) -> None:
+        # a resumed run drops the events written after its checkpoint
+        self.board = open_tensorboard(True, self.run_dir, run.batches_done + 1 if run.resumed else None, run.log)
+
+    def on_batch(self, m: BatchMetrics) -> None:
+        self.board.batch_metrics(m.batches_done, m.loss, m.firing_rate, m.lr)
+
+    def on_evaluation(self, m: SplitMetrics) -> None:
+        self.board.epoch_metrics(m.batches_done, m.split, m.accuracy, m.loss, m.firing_rate)
+
+    def on_epoch(self, epoch: int, batches_done: int, network) -> None:
+        self.board.weights(batches_done, network)
+
+    def on_checkpoint(self, batches_done: int) -> None:
+        self.board.flush()
+
+    def close(self) -> None:
+        self.board.close()

@@ -1,10 +1,11 @@
 """Learning rules: each decides what to detach, which losses to form and when to step.
 
 Every rule follows the ``Rule`` protocol (``rules.common``): ``train_sequence(x, labels) ->
-SequenceResult(votes (L, B, C), loss (L,), stats)``; the local loss is a built-in name or any
-user cost ``cost(readout, target, layer_index) -> scalar``;
+SequenceResult(votes (L, B, C), loss (L,), rates (L,), stats)``; the local loss is a built-in
+name or any user cost ``cost(readout, target, layer_index) -> scalar``;
 evaluation is ``predict_sequence`` for every rule and network. ``make_rule`` picks one from
-the config (``rule.name: decolle | stllr | bptt``).
+the config (``rule.name: decolle | stllr | bptt``). DECOLLE and BPTT train any layer that keeps
+the step contract (``DecolleNetwork.from_layers``); S-TLLR needs ``LIFLayer``s.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .common import Loss, SequenceResult, layer_losses, resolve_loss, vote
+from .common import Loss, SequenceResult, SequenceTally, layer_losses, resolve_loss
 
 
 class BPTTRule:
-    """Full-gradient training of a ``DecolleNetwork`` or a ``LIFNetwork``.
+    """Full-gradient training of a ``DecolleNetwork``, whatever its layers (DECOLLE, LIF, or a
+    user's layers that keep the step contract, ``DecolleNetwork.from_layers``).
 
     Its per-step losses are DECOLLE's (``layer_losses``); only what is detached and when the
     optimiser steps differ.
@@ -46,23 +47,20 @@ class BPTTRule:
     def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
         """Learn from one batch of sequences ``x`` (B, T, ...): one update for the whole sequence."""
         net = self.network
-        n_layers, steps = len(net.layers), x.shape[1]
-        votes = x.new_zeros(n_layers, x.shape[0], len(net.readouts[0].g))
-        loss_sum = x.new_zeros(n_layers)
+        tally = SequenceTally(net, x, self.burn_in)
         total = None
         state = None
-        for t in range(steps):
+        for t in range(x.shape[1]):
             out, state = net(x[:, t], state, detach=False)
+            tally.count_spikes(out.spikes)
             if t < self.burn_in:
                 continue
             losses = layer_losses(out, labels, self.loss, self.reg1, self.reg2)
             step_loss = losses.sum() if self.loss_layers == "all" else losses[-1]
             total = step_loss if total is None else total + step_loss
-            loss_sum += losses.detach()
-            vote(tuple(y.detach() for y in out.readouts), votes)
+            tally.count_step(out.readouts, losses)
         if total is not None:
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
-        stats = {"optimizer_steps": int(total is not None)}
-        return SequenceResult(votes, loss_sum / max(steps - self.burn_in, 1), stats)
+        return tally.result({"optimizer_steps": int(total is not None)})

@@ -11,7 +11,7 @@ follows from any local cost.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Literal, NamedTuple, Protocol, Union
+from typing import Callable, Literal, NamedTuple, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ Loss = Union[LossName, LocalCost]
 class SequenceResult(NamedTuple):
     votes: Tensor  # (L, B, C): per layer, how many steps after burn-in voted for each class
     loss: Tensor  # (L,): per layer, mean local loss over the steps after burn-in
+    rates: Tensor  # (L,) float64: per layer, spikes per neuron per step over every step (burn-in too)
     stats: dict | None = None  # rule-specific numbers (e.g. the fraction of triggered updates)
 
 
@@ -37,7 +38,8 @@ class Rule(Protocol):
     optimizer: torch.optim.Optimizer
 
     def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
-        """Learn from ``x`` (B, T, ...) with targets ``labels``; the votes and losses per layer."""
+        """Learn from ``x`` (B, T, ...) with targets ``labels``; the votes, losses and firing
+        rates per layer."""
         ...
 
 
@@ -144,27 +146,62 @@ def check_local(out, target: Tensor, cost: LocalCost, network) -> None:
             stack.extend(fn for fn, _ in node.next_functions)
 
 
-def vote(readouts: tuple[Tensor, ...], votes: Tensor) -> None:
+def vote(readouts: Sequence[Tensor], votes: Tensor) -> None:
     """Add each layer's argmax class at this step to ``votes`` (L, B, C), in place."""
     with torch.no_grad():
-        winners = torch.stack(readouts).argmax(2, keepdim=True)  # (L, B, 1): all layers at once
+        winners = torch.stack(tuple(readouts)).argmax(2, keepdim=True)  # (L, B, 1): all layers at once
         votes.scatter_add_(2, winners, torch.ones_like(winners, dtype=votes.dtype))
+
+
+class SequenceTally:
+    """What every rule counts over one batch of sequences ``x`` (B, T, ...): each layer's spikes
+    at every step, its votes and local losses at the steps after the burn-in. Everything stays
+    on the device until ``result`` (no host sync per step)."""
+
+    def __init__(self, network, x: Tensor, burn_in: int) -> None:
+        n_layers = len(network.layers)
+        self.votes = x.new_zeros(n_layers, x.shape[0], network.readouts[0].g.shape[0])
+        self.loss_sum = x.new_zeros(n_layers)
+        self.spike_sum = x.new_zeros(n_layers, dtype=torch.float64)
+        self.outputs = [0] * n_layers  # elements of one step's spikes (B x neurons), per layer
+        self.steps = 0
+        self.learn_steps = 0
+
+    def count_spikes(self, spikes: Sequence[Tensor]) -> None:
+        """Every step: add each layer's spikes S (its output, what the next layer sees)."""
+        with torch.no_grad():
+            self.spike_sum += torch.stack([s.sum() for s in spikes])
+        if self.steps == 0:
+            self.outputs = [s.numel() for s in spikes]
+        self.steps += 1
+
+    def count_step(self, readouts: Sequence[Tensor], losses: Tensor | None = None) -> None:
+        """A step after the burn-in: each layer's vote, and its local loss (L,) when given."""
+        vote(readouts, self.votes)
+        if losses is not None:
+            self.loss_sum += losses.detach()
+        self.learn_steps += 1
+
+    def result(self, stats: dict | None = None) -> SequenceResult:
+        """Votes, mean losses over the steps after the burn-in, and mean firing rates."""
+        per_step = torch.tensor(self.outputs, dtype=torch.float64) * max(self.steps, 1)
+        return SequenceResult(self.votes, self.loss_sum / max(self.learn_steps, 1),
+                              self.spike_sum / per_step.to(self.spike_sum.device), stats)
 
 
 @torch.no_grad()
 def predict_sequence(
     network, x: Tensor, labels: Tensor | None = None, burn_in: int = 0, loss: Loss = "smooth_l1"
 ) -> SequenceResult:
-    """Inference only: the votes of every layer and, with ``labels``, their mean local losses
-    (zeros without), without any autograd."""
-    n_layers, steps = len(network.layers), x.shape[1]
-    votes = x.new_zeros(n_layers, x.shape[0], network.readouts[0].g.shape[0])
-    loss_sum = x.new_zeros(n_layers)
+    """Inference only: the votes of every layer, its firing rate and, with ``labels``, its mean
+    local loss (zeros without), without any autograd."""
+    tally = SequenceTally(network, x, burn_in)
     state = None
-    for t in range(steps):
+    for t in range(x.shape[1]):
         out, state = network(x[:, t], state)
+        tally.count_spikes(out.spikes)
         if t >= burn_in:
-            vote(out.readouts, votes)
-            if labels is not None:
-                loss_sum += torch.stack([local_loss(y, labels, loss, layer=i) for i, y in enumerate(out.readouts)])
-    return SequenceResult(votes, loss_sum / max(steps - burn_in, 1))
+            losses = None if labels is None else torch.stack(
+                [local_loss(y, labels, loss, layer=i) for i, y in enumerate(out.readouts)])
+            tally.count_step(out.readouts, losses)
+    return tally.result()

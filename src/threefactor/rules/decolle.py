@@ -15,20 +15,27 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..model.layers import DecolleLayer, flat_in_memory_order, is_channels_last, keep_mask, unflatten_like
 from ..model.network import DecolleNetwork, NetworkState
-from ..model.neurons import (
-    DecolleOutput, DecolleState, fires, input_trace_step, surrogate_derivative,
-)
+from ..model.neurons import DecolleState, input_trace_step
+from ..model.surrogates import fires, surrogate_derivative
 from .common import (
-    Loss, LocalCostError, SequenceResult, check_local, layer_losses, local_loss, loss_grad,
-    regulariser, regulariser_grad, resolve_loss, vote,
+    Loss, LocalCostError, SequenceResult, SequenceTally, check_local, layer_losses, local_loss, loss_grad,
+    regulariser, regulariser_grad, resolve_loss,
 )
 
 class DecolleRule:
-    """Runs sequences through a network and applies the DECOLLE updates online."""
+    """Runs sequences through a network and applies the DECOLLE updates online.
+
+    Any ``DecolleNetwork`` trains through autograd, whatever its layers (``from_layers``).
+    Where the network says its step is one the closed form computes
+    (``DecolleNetwork.supports_closed_form``), plain DECOLLE takes the closed-form step instead
+    (``uses_closed_form``): the same updates without autograd, and without calling the layers'
+    ``forward``, so their module hooks do not run. Use ``closed_form=False`` if you rely on hooks;
+    the firing rates are in every ``SequenceResult`` either way.
+    """
 
     def __init__(
         self,
@@ -66,26 +73,26 @@ class DecolleRule:
         """Learn from one batch of sequences ``x`` (B, T, ...) with targets ``labels``: class
         indices (B,), or whatever the loss takes ((B, T, ...) with ``target_per_step``)."""
         net = self.network
-        n_layers, steps = len(net.layers), x.shape[1]
-        votes = x.new_zeros(n_layers, x.shape[0], len(net.readouts[0].g))
-        loss_sum = x.new_zeros(n_layers)
+        tally = SequenceTally(net, x, self.burn_in)
         trigger = self.error_trigger
         if trigger is not None:
-            trigger.start_sequence(n_layers)
+            trigger.start_sequence(len(net.layers))
         state = None
         closed = self.uses_closed_form()
-        target = F.one_hot(labels, votes.shape[2]).to(x.dtype) if closed else None
-        for t in range(steps):
+        target = F.one_hot(labels, tally.votes.shape[2]).to(x.dtype) if closed else None
+        for t in range(x.shape[1]):
             if t < self.burn_in:
                 with torch.no_grad():
                     out, state = net(x[:, t], state)
+                tally.count_spikes(out.spikes)
                 continue
             if closed:
-                readouts, losses, state = self._closed_form_step(x[:, t], state, labels, target)
-                loss_sum += losses
-                vote(readouts, votes)
+                readouts, losses, spikes, state = self._closed_form_step(x[:, t], state, labels, target)
+                tally.count_spikes(spikes)
+                tally.count_step(readouts, losses)
                 continue
             out, state = net(x[:, t], state)
+            tally.count_spikes(out.spikes)
             target_t = labels[:, t] if self.target_per_step else labels
             if callable(self.loss) and t == self.burn_in:
                 check_local(out, target_t, self.loss, net)  # once per sequence: a user cost stays in its layer
@@ -104,45 +111,28 @@ class DecolleRule:
             if trigger is not None:
                 trigger.end_step(net)
             self.optimizer.step()
-            loss_sum += losses.detach()
-            vote(out.readouts, votes)
-        stats = trigger.stats() if trigger is not None else None
-        return SequenceResult(votes, loss_sum / max(steps - self.burn_in, 1), stats)
+            tally.count_step(out.readouts, losses)
+        return tally.result(trigger.stats() if trigger is not None else None)
 
     def uses_closed_form(self) -> bool:
         """Whether ``train_sequence`` takes the closed-form step: asked for (``closed_form``), plain
-        DECOLLE (no error trigger, a built-in loss) on a ``DecolleNetwork`` whose layers are dense or zero-padded
-        convolutions with non-overlapping max-pooling, and no forward pre-hooks on the layers
-        (plain forward hooks are called as if the layer's forward had run). Anything else goes
-        through autograd."""
+        DECOLLE (no error trigger, a built-in loss, one target per sequence) on a ``DecolleNetwork``
+        whose step the closed form computes (``DecolleNetwork.supports_closed_form``: dense or
+        zero-padded conv synapses, non-overlapping max-pooling, no overridden ``forward``).
+        Anything else goes through autograd."""
         net = self.network
-        if (not self.closed_form or self.error_trigger is not None or callable(self.loss)
-                or self.target_per_step or type(net) is not DecolleNetwork):
-            return False
-        for layer in net.layers:
-            if type(layer) is not DecolleLayer or layer._forward_pre_hooks or layer._forward_hooks_with_kwargs:
-                return False
-            syn = layer.synapse
-            if type(syn) is nn.Conv2d:
-                if syn.padding_mode != "zeros" or isinstance(syn.padding, str):
-                    return False
-            elif type(syn) is not nn.Linear:
-                return False
-            pool = layer.pool
-            if pool is not None and (pool.padding != 0 or pool.dilation != 1 or pool.ceil_mode
-                                     or pool.stride != pool.kernel_size):
-                return False
-        return True
+        return (self.closed_form and self.error_trigger is None and not callable(self.loss)
+                and not self.target_per_step and isinstance(net, DecolleNetwork) and net.supports_closed_form())
 
     @torch.no_grad()
     def _closed_form_step(
         self, x: Tensor, state: NetworkState | None, labels: Tensor, target: Tensor
-    ) -> tuple[tuple[Tensor, ...], Tensor, NetworkState]:
-        """One learning step with the gradients in closed form (Eq. 7), without autograd.
+    ) -> tuple[tuple[Tensor, ...], Tensor, tuple[Tensor, ...], NetworkState]:
+        """One learning step with the gradients in closed form (Eq. 7), without autograd: every
+        layer's readout, loss and spikes, and the new state.
 
         ``_closed_form_math`` gives every layer's new state, readout, loss and dW, db (compiled
-        with ``compile``, from the second step of a sequence on); here the layers' forward
-        hooks see their outputs and the optimiser takes one step.
+        with ``compile``, from the second step of a sequence on); here the optimiser takes one step.
         """
         net = self.network
         eager = [None] * len(net.layers)  # draws and matched readouts: the math makes them
@@ -167,17 +157,14 @@ class DecolleRule:
                 outs = self._closed_form_math(x, state, labels, target, rands, matched)
         else:
             outs = self._closed_form_math(x, state, labels, target, eager, eager)
-        new_state, readouts, losses, spikes, membranes, grads = outs
-        for i, layer in enumerate(net.layers):
-            for hook in layer._forward_hooks.values():  # observers (spike meters, recorders)
-                hook(layer, (x if i == 0 else spikes[i - 1], None if state is None else state[i]),
-                     (DecolleOutput(spikes[i], membranes[i]), new_state[i]))
+        new_state, readouts, losses, spikes, grads = outs
+        for layer, (gw, gb) in zip(net.layers, grads):
             syn = layer.synapse
-            syn.weight.grad = grads[i][0]
+            syn.weight.grad = gw
             if syn.bias is not None:
-                syn.bias.grad = grads[i][1]
+                syn.bias.grad = gb
         self.optimizer.step()
-        return tuple(readouts), torch.stack(losses), tuple(new_state)
+        return tuple(readouts), torch.stack(losses), tuple(spikes), tuple(new_state)
 
     def _compiled_math(self):
         if self._compiled is None:
@@ -195,7 +182,7 @@ class DecolleRule:
         step.
         """
         net = self.network
-        new_state, readouts, losses, spikes, membranes, grads = [], [], [], [], [], []
+        new_state, readouts, losses, spikes, grads = [], [], [], [], []
         for i, (layer, readout) in enumerate(zip(net.layers, net.readouts)):
             params, syn = layer.params, layer.synapse
             x = layer.format_input(x)
@@ -217,7 +204,6 @@ class DecolleRule:
             r = torch.lerp(fires(u_syn, params.spike_at_zero) if r_before_pool else s, st.r, params.gamma)
             new_state.append(DecolleState(p, q, r))
             spikes.append(s)
-            membranes.append(u)
 
             rand = net.dropout.draw(s) if rands[i] is None else rands[i]
             keep = None if rand is None else keep_mask(rand, net.dropout.p)
@@ -237,7 +223,7 @@ class DecolleRule:
             if layer.pool is not None:
                 grad_u = torch.ops.aten.max_pool2d_with_indices_backward(
                     grad_u, u_syn, [k, k], [k, k], [0, 0], [1, 1], False, where)
-            if type(syn) is nn.Conv2d:
+            if isinstance(syn, torch.nn.Conv2d):
                 w = syn.weight
                 _, gw, gb = torch.ops.aten.convolution_backward(
                     grad_u, p, w, None if syn.bias is None else [w.shape[0]], syn.stride,
@@ -248,7 +234,7 @@ class DecolleRule:
                 gb = grad_u.sum(0) if syn.bias is not None else None
             grads.append((gw, gb))
             x = s
-        return new_state, readouts, losses, spikes, membranes, grads
+        return new_state, readouts, losses, spikes, grads
 
 
 def _like_spikes(layer: DecolleLayer, r: Tensor) -> Tensor:

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from ..model.layers import LIFLayer
-from ..model.network import LIFNetwork
-from ..model.neurons import LIF_SURROGATES, LIFState, LIFSurrogate, detach_lif_state
-from .common import Loss, SequenceResult, local_loss, resolve_loss, vote
+from ..model.network import DecolleNetwork
+from ..model.neurons import LIFState, detach_lif_state
+from ..model.surrogates import LIF_SURROGATES, LIFSurrogate
+from .common import Loss, SequenceResult, SequenceTally, local_loss, resolve_loss
 
 LearningSignal = Literal["backprop", "dfa", "local"]
 LEARNING_SIGNALS: tuple[str, ...] = ("backprop", "dfa", "local")
@@ -124,7 +125,8 @@ def eligibility_grad(
 
 
 class STLLRRule:
-    """Runs sequences through a ``LIFNetwork`` and applies S-TLLR updates online.
+    """Runs sequences through a network of ``LIFLayer``s (``network.neuron_model: lif``) and
+    applies S-TLLR updates online.
 
     ``psi``: the secondary activation Psi (``lif_psi``), also the spike's derivative when the
     learning signal is backpropagated through the layers; ``authors`` is ``authors_linear`` on
@@ -141,7 +143,7 @@ class STLLRRule:
 
     def __init__(
         self,
-        network: LIFNetwork,
+        network: DecolleNetwork,
         optimizer: torch.optim.Optimizer,
         factors: STLLRFactors = VISION,
         psi: PsiName = "boxcar",
@@ -154,8 +156,11 @@ class STLLRRule:
         seed: int = 0,
         bias_update: BiasUpdate = "synapse",
     ) -> None:
-        if not isinstance(network, LIFNetwork):
-            raise ValueError("the stllr rule needs a LIF network (network.neuron_model: lif)")
+        for i, layer in enumerate(network.layers):
+            # the rule reads the LIF layer's synapse, Psi and spikes before pooling (docs/rules.md)
+            if not isinstance(layer, LIFLayer):
+                raise ValueError(f"the stllr rule needs LIF layers (network.neuron_model: lif); layer {i} "
+                                 f"is a {type(layer).__name__}")
         loss = resolve_loss(loss)
         for name, value, valid in (("psi", psi, PSIS),
                                    ("bias_update", bias_update, BIAS_UPDATES),
@@ -233,8 +238,7 @@ class STLLRRule:
         """Learn from one batch of sequences ``x`` (B, T, ...) with class ``labels`` (B,)."""
         net, f = self.network, self.factors
         n_layers, steps = len(net.layers), x.shape[1]
-        votes = x.new_zeros(n_layers, x.shape[0], len(net.readouts[0].g))
-        loss_sum = x.new_zeros(n_layers)
+        tally = SequenceTally(net, x, self.burn_in)
         nonzero = x.new_zeros(n_layers)
         n_signal = [0] * n_layers
         states: list[LIFState | None] = [None] * n_layers
@@ -245,6 +249,7 @@ class STLLRRule:
             learn = t >= self.burn_in
             with torch.set_grad_enabled(learn):
                 inputs, outs, new_states = self._forward(x[:, t], states)
+                tally.count_spikes([o.s for o in outs])
                 if learn:
                     losses, deltas = self._signal(outs, labels)
             grads: dict[nn.Parameter, Tensor] = {}
@@ -278,8 +283,7 @@ class STLLRRule:
                 else:
                     for p, g in grads.items():
                         accumulated[p] = accumulated[p] + g if p in accumulated else g
-                loss_sum += losses
-                vote(self._readouts(outs), votes)
+                tally.count_step(self._readouts(outs), losses)
             states = [detach_lif_state(new) for _, new in new_states]
         if self.update == "sequence" and accumulated:
             self.optimizer.zero_grad(set_to_none=True)
@@ -288,12 +292,10 @@ class STLLRRule:
             self.optimizer.step()
             n_steps += 1
         self.traces = traces
-        n_learn = max(steps - self.burn_in, 1)
-        stats = {
+        return tally.result({
             "update_fraction": [(nonzero[i] / max(n_signal[i], 1)).item() for i in range(n_layers)],
             "optimizer_steps": n_steps,
-        }
-        return SequenceResult(votes, loss_sum / n_learn, stats)
+        })
 
     def _readouts(self, outs) -> list[Tensor]:
         """The readouts that vote (no dropout, no graph)."""

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_atomic
-from ..config import Config, config_from_dict, dump_config
+from ..config import Config, config_from_dict
 from ..errors import RunError
 from ..model.network import DecolleNetwork, build_network
 from .directory import CHECKPOINT_NAME
 
 CHECKPOINT_FORMAT = "threefactor-checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 # A checkpoint is the zip file torch.save writes, with the sha256 of all its other bytes in
@@ -51,50 +51,13 @@ def _seal_ok(data: bytes) -> bool | None:
     return hashlib.sha256(data[:-n - 2]).hexdigest().encode() == data[-64:]
 
 
-def _write_atomic(path: Path, payload: dict) -> None:
-    """torch.save, sealed with its sha256, to a uniquely named temporary file; fsync, then
-    rename over ``path`` (the temporary file is removed if anything fails)."""
+def write_checkpoint(path: str | Path, payload: dict) -> None:
+    """``payload`` (tensors and plain data), stamped with the format and version, sealed and
+    written atomically: a crash never leaves a torn checkpoint."""
+    sealed = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
     buf = io.BytesIO()
-    torch.save(payload, buf)
-    write_atomic(path, _seal(buf.getvalue()), fsync=True)
-
-
-def save_checkpoint(
-    path: Path,
-    network: DecolleNetwork,
-    optimizer,
-    cfg: Config,
-    epoch: int,
-    data: FrameData,
-    *,
-    scheduler=None,
-    progress: dict | None = None,
-) -> None:
-    """Written to a temporary file and renamed, so a crash never leaves a torn checkpoint.
-
-    ``epoch`` counts completed epochs; ``progress`` holds what a resumed run needs besides the
-    weights and the optimiser (see ``train``).
-    """
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": dump_config(cfg),
-        "input_shape": list(data.input_shape),
-        "classes": list(data.classes),
-        "sensor_size": _sensor_list(data),
-        "epoch": epoch,
-        "model": network.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "progress": progress,
-    }
-    _write_atomic(Path(path), payload)
-
-
-def _sensor_list(data) -> list[int] | None:
-    """The (W, H, P) sensor the data was checked against, when it says (a FrameData does)."""
-    sensor = getattr(data, "sensor_size", None)
-    return None if sensor is None else [int(v) for v in sensor]
+    torch.save(sealed, buf)
+    write_atomic(Path(path), _seal(buf.getvalue()), fsync=True)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -164,14 +127,24 @@ def parse_checkpoint(path: Path, data: bytes, map_location: str | torch.device =
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DecolleNetwork, Config, dict]:
-    """Network, config and raw payload of a checkpoint; never unpickles arbitrary objects."""
+    """Network, config and raw payload of the checkpoint of a run that ``threefactor train``
+    built from a config; never unpickles arbitrary objects. (A run built in Python has no
+    config to rebuild its network from: load its ``read_checkpoint(path)["model"]`` into your
+    own network.)"""
     import yaml
 
     payload = read_checkpoint(path, map_location)
     try:
-        cfg = config_from_dict(yaml.safe_load(payload["config"]), source=f"{path} (config)")
+        raw = yaml.safe_load(payload["config"])
+    except (KeyError, TypeError, yaml.YAMLError):
+        raw = None
+    if not isinstance(raw, dict) or "input_shape" not in payload or "classes" not in payload:
+        raise RunError(f"{path}: this run was not built from a config (threefactor train), so its network "
+                       "cannot be rebuilt here; load read_checkpoint(path)['model'] into your own network")
+    try:
+        cfg = config_from_dict(raw, source=f"{path} (config)")
         network = build_network(cfg.network, tuple(payload["input_shape"]), len(payload["classes"]), cfg.seed)
         network.load_state_dict(payload["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, yaml.YAMLError):
+    except (KeyError, TypeError, ValueError, RuntimeError):
         raise RunError(f"{path}: weights do not match the network its config describes") from None
     return network, cfg, payload

@@ -125,6 +125,13 @@ def init_from_env(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def group_ready() -> bool:
+    """Whether a process group is initialised already (by ``init_from_env`` or the caller)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def teardown() -> None:
     """End the process group that ``init_from_env`` started (a no-op otherwise)."""
     global _owned_group

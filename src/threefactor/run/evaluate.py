@@ -1,5 +1,6 @@
-"""``threefactor eval``: a run's network on its test split (or other data), per layer, with the
-confusion matrix of every layer.
+"""A finished (or running) run of ``threefactor train``, opened again: ``threefactor eval``
+(per-layer accuracy and confusion matrices on its test split or other data) and ``threefactor
+plot`` (its plots redrawn).
 
 The checkpoint fixes the classes and the sensor: data given by ``--set data.*`` overrides is
 read with the run's own class list and checked against its sensor, so labels keep their meaning.
@@ -7,20 +8,41 @@ read with the run's own class list and checked against its sensor, so labels kee
 
 from __future__ import annotations
 
-import io
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import write_atomic
-from ..config import ConfigError, override_config
-from ..data.splits import SplitLayout
-from ..rules.common import predict_sequence, resolve_loss
+from ..config import Config, ConfigError, override_config
+from ..data.splits import FrameData, SplitLayout
 from ..errors import RunError
+from ..report.plots import PLOTS_DIR, draw_run, read_metrics
+from ..rules.common import predict_sequence, resolve_loss
 from .checkpoint import load_checkpoint
 from .from_config import load_split, resolve_device
+
+
+def run_layout(payload: dict) -> SplitLayout | None:
+    """The classes and sensor of a run's training split, as its checkpoint recorded them."""
+    sensor = payload.get("sensor_size")
+    if sensor is None:
+        return None
+    return SplitLayout(tuple(payload["classes"]), tuple(int(v) for v in sensor), "the run's checkpoint")
+
+
+def run_test_split(run: str | Path, cfg: Config, payload: dict) -> FrameData:
+    """The test split ``cfg`` describes, read with the run's classes and checked against its
+    input shape."""
+    data = load_split(cfg, "test", run_layout(payload))
+    classes = tuple(payload["classes"])
+    if tuple(data.classes) != classes:
+        raise RunError(f"the data has the classes {list(data.classes)[:12]}, the run {list(classes)[:12]}")
+    if list(data.input_shape) != list(payload["input_shape"]):
+        raise RunError(f"the data's frames have shape {list(data.input_shape)}, but {run} was trained "
+                       f"on {list(payload['input_shape'])}")
+    return data
 
 
 @dataclass
@@ -45,14 +67,7 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), device: str = "auto
         raise RunError(str(err)) from None
     dev = resolve_device(device)
     classes = tuple(payload["classes"])
-    sensor = payload.get("sensor_size")
-    layout = SplitLayout(classes, tuple(int(v) for v in sensor), "the run's checkpoint") if sensor else None
-    data = load_split(cfg, "test", layout)
-    if tuple(data.classes) != classes:
-        raise RunError(f"the data has the classes {list(data.classes)[:12]}, the run {list(classes)[:12]}")
-    if list(data.input_shape) != list(payload["input_shape"]):
-        raise RunError(f"the data's frames have shape {list(data.input_shape)}, but {run} was trained "
-                       f"on {list(payload['input_shape'])}")
+    data = run_test_split(run, cfg, payload)
     network.to(dev).eval()
     cost = resolve_loss(cfg.rule.loss)
     n_layers, n_classes = len(network.layers), len(classes)
@@ -75,30 +90,33 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), device: str = "auto
                          confusion.numpy(), classes, n)
 
 
-def plot_confusion(result: RunEvaluation, path: str | Path) -> Path:
-    """One panel per layer: the confusion matrix as fractions of each true class."""
-    from matplotlib.figure import Figure
-
-    n_layers, n_classes = result.confusion.shape[:2]
-    fig = Figure(figsize=(3.6 * n_layers, 3.4), layout="constrained")
-    axes = fig.subplots(1, n_layers, squeeze=False)[0]
-    per_class = result.confusion.sum(2, keepdims=True).clip(min=1)
-    for layer, ax in enumerate(axes):
-        ax.imshow(result.confusion[layer] / per_class[layer], vmin=0, vmax=1, cmap="Blues")
-        ax.set_title(f"layer {layer + 1}: {100 * result.accuracy[layer]:.1f} %")
-        ticks = range(n_classes)
-        labels = [str(c)[:8] for c in result.classes] if n_classes <= 20 else None
-        if labels:
-            ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
-            ax.set_yticks(ticks, labels, fontsize=7)
-        ax.set_xlabel("voted class")
-        ax.set_ylabel("true class")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    path = Path(path)
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Redraw the plots of a finished or running run from its checkpoint and metrics.jsonl."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: not a run directory")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buf.getvalue())
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RunError("plotting needs matplotlib (pip install matplotlib)") from None
+    out = run_dir / PLOTS_DIR
+    try:  # before the slow part: a directory we cannot write fails now, in one sentence
+        out.mkdir(exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as err:
-        raise RunError(f"cannot write {path}: {err.strerror or err}") from None
-    return path
+        raise RunError(f"cannot write the plots into {out}: {err.strerror}") from None
+    network, cfg, payload = load_checkpoint(run_dir)
+    network.eval()
+    try:
+        rows = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, ValueError) as err:
+        raise RunError(f"cannot read the metrics of {run_dir}: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        test = run_test_split(run_dir, cfg, payload)
+    except RunError as err:
+        raise RunError(f"{run_dir}: the data its config makes no longer fits the checkpoint ({err})") from None
+    try:
+        return draw_run(run_dir, network, test.frames[0], int(test.labels[0]), test.classes, rows,
+                        burn_in=cfg.rule.burn_in, dt_ms=cfg.data.dt_us / 1000.0)
+    except OSError as err:
+        raise RunError(f"cannot write the plots into {out}: {err.strerror or err}") from None

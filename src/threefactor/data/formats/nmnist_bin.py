@@ -1,4 +1,4 @@
-"""N-MNIST (Orchard et al. 2015): the 40-bit ``.bin`` event format and the dataset.
+"""N-MNIST's 40-bit ``.bin`` event format (Orchard et al. 2015).
 
 Each record is 5 bytes: x, y, then 24 bits big-endian whose top bit is the polarity and whose
 low 23 bits are the timestamp in microseconds. A record with y == 240 is no event but a
@@ -10,20 +10,12 @@ with every published result, and our writer emits markers to match.)
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
-from .base import EventDataset, check_outside_sensor, check_split, not_found, sorted_files
-from .download import Resource, download_and_extract
-from ..errors import EventFileError
-from .events import EVENT_DTYPE
+from ...errors import EventFileError
+from ..events import EVENT_DTYPE
 
-SENSOR_SIZE = (34, 34, 2)
-CLASSES = (
-    "0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
-    "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine",
-)
 OVERFLOW_Y = 240
 OVERFLOW_STEP_US = 1 << 13
 MAX_TIMESTAMP_US = (1 << 23) - 1
@@ -104,78 +96,3 @@ def write_bin(path: str | os.PathLike, events: np.ndarray) -> None:
     data = encode_bin(events)
     with open(path, "wb") as f:
         f.write(data)
-
-
-class NMNIST(EventDataset):
-    """N-MNIST from ``root/Train/<digit>/<id>.bin`` and ``root/Test/...``, as the archives unpack.
-
-    ``dataset[i] -> (transform(events), label)``; with no transform, the raw events. The format
-    holds x and y up to 255: an event off the 34 x 34 sensor is refused (``outside_sensor``).
-    """
-
-    classes = CLASSES
-    sensor_size = SENSOR_SIZE
-    folders = {"train": "Train", "test": "Test"}
-    # The official archives (Mendeley Data, as Tonic fetches them) and their md5 sums.
-    resources = {
-        "train": Resource(
-            "https://data.mendeley.com/public-files/datasets/468j46mzdv/files/"
-            "39c25547-014b-4137-a934-9d29fa53c7a0/file_downloaded",
-            "train.zip", md5="20959b8e626244a1b502305a9e6e2031"),
-        "test": Resource(
-            "https://data.mendeley.com/public-files/datasets/468j46mzdv/files/"
-            "05a4d654-7e03-4c15-bdfa-9bb2bcbea494/file_downloaded",
-            "test.zip", md5="69ca8762b2fe404d9b9bad1103e97832"),
-    }
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        transform=None,
-        download: bool = False,
-        first_saccade_only: bool = False,
-        target_transform=None,
-        outside_sensor: str = "error",
-    ) -> None:
-        self.root = Path(root)
-        self.split = check_split(split)
-        self.transform = transform
-        self.target_transform = target_transform
-        self.outside_sensor = check_outside_sensor(outside_sensor)
-        self.first_saccade_only = first_saccade_only
-        folder = self.root / self.folders[split]
-        files, labels = self._scan(folder)
-        if not files and download:
-            download_and_extract(self.resources[split], self.root)
-            files, labels = self._scan(folder)
-        if not files:
-            res = self.resources[split]
-            raise not_found(
-                f"N-MNIST {split} split", f"{folder}/<digit>/*.bin",
-                f"pass download=True to fetch {res.url}, or unpack {res.filename} (Train.zip/Test.zip "
-                f"of the official N-MNIST) into {self.root}"
-            )
-        self.files = files
-        self.targets = np.asarray(labels, dtype=np.int64)
-
-    @staticmethod
-    def _scan(folder: Path) -> tuple[list[Path], list[int]]:
-        files: list[Path] = []
-        labels: list[int] = []
-        for digit in range(10):
-            sub = folder / str(digit)
-            if sub.is_dir():
-                found = sorted_files(sub, ".bin")
-                files += found
-                labels += [digit] * len(found)
-        return files, labels
-
-    def events(self, i: int) -> np.ndarray:
-        ev = read_bin(self.files[i])
-        if self.first_saccade_only:
-            ev = ev[ev["t"] < 100_000]
-        return ev
-
-    def source(self, i: int) -> tuple[str, object]:
-        return str(self.files[i]), {"first_saccade_only": self.first_saccade_only}

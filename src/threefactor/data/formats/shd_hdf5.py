@@ -1,4 +1,4 @@
-"""Spiking Heidelberg Digits (Cramer et al. 2020): the HDF5 files and the dataset.
+"""The HDF5 files of the Spiking Heidelberg Digits (SHD, Cramer et al. 2020).
 
 ``shd_train.h5`` / ``shd_test.h5`` hold ``spikes/times`` (one variable-length array per sample,
 seconds), ``spikes/units`` (matching arrays of channels 0..699), ``labels`` (0..19) and, in the
@@ -15,17 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import EventDataset, check_outside_sensor, check_split, not_found
-from .download import Resource, download_and_extract
-from ..errors import EventFileError
-from .events import EVENT_DTYPE
-
-SENSOR_SIZE = (700, 1, 1)
-CLASSES = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-    "null", "eins", "zwei", "drei", "vier", "fuenf", "sechs", "sieben", "acht", "neun",
-)
-_MAX_UNIT = (1 << 15) - 1
+from ...errors import EventFileError
+from ..events import EVENT_DTYPE, MAX_COORD
 
 
 def _h5py():
@@ -58,8 +49,8 @@ def _to_events(times, units, path, index: int) -> np.ndarray:
     if times.size and (not np.all(np.isfinite(t_us)) or t_us.min() < 0 or t_us.max() >= 2.0 ** 62):
         raise EventFileError(path, f"sample {index} has spike times that are negative or not finite")
     u = units.astype(np.float64)
-    if units.size and (not np.all(np.isfinite(u)) or u.min() < 0 or u.max() > _MAX_UNIT or np.any(u != np.floor(u))):
-        raise EventFileError(path, f"sample {index} has units that are not whole numbers in 0..{_MAX_UNIT}")
+    if units.size and (not np.all(np.isfinite(u)) or u.min() < 0 or u.max() > MAX_COORD or np.any(u != np.floor(u))):
+        raise EventFileError(path, f"sample {index} has units that are not whole numbers in 0..{MAX_COORD}")
     ev = np.zeros(len(times), dtype=EVENT_DTYPE)
     ev["x"] = u
     ev["t"] = np.rint(t_us)
@@ -165,72 +156,3 @@ def write_shd(
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.uint16))
         if keys is not None:
             f.create_dataset("extra/keys", data=np.asarray([k.encode("utf-8") for k in keys]))
-
-
-class SHD(EventDataset):
-    """SHD from ``root/shd_train.h5`` or ``root/shd_test.h5``; 20 classes, sensor (700, 1, 1).
-
-    Labels are checked against the classes (``extra/keys`` when the file has them) on opening.
-    The file is opened lazily in each process (so DataLoader workers each get their own handle).
-    """
-
-    sensor_size = SENSOR_SIZE
-    classes = CLASSES
-    filenames = {"train": "shd_train.h5", "test": "shd_test.h5"}
-    # The official archives (Zenke lab, as Tonic fetches them) and their md5 sums.
-    resources = {
-        "train": Resource("https://zenkelab.org/datasets/shd_train.h5.zip", "shd_train.h5.zip",
-                          md5="f3252aeb598ac776c1b526422d90eecb"),
-        "test": Resource("https://zenkelab.org/datasets/shd_test.h5.zip", "shd_test.h5.zip",
-                         md5="1503a5064faa34311c398fb0a1ed0a6f"),
-    }
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        transform=None,
-        download: bool = False,
-        target_transform=None,
-        outside_sensor: str = "error",
-    ) -> None:
-        self.root = Path(root)
-        self.split = check_split(split)
-        self.transform = transform
-        self.target_transform = target_transform
-        self.outside_sensor = check_outside_sensor(outside_sensor)
-        self.path = self.root / self.filenames[split]
-        if not self.path.is_file() and download:
-            download_and_extract(self.resources[split], self.root)
-        if not self.path.is_file():
-            res = self.resources[split]
-            raise not_found(f"SHD {split} split", self.path,
-                            f"pass download=True to fetch {res.url}, or unzip {res.filename} into {self.root}")
-        with SHDFile(self.path) as f:
-            self.targets = f.labels
-            if f.keys is not None and len(f.keys) > 0:
-                self.classes = f.keys
-        if len(self.targets) and self.targets.max() >= len(self.classes):
-            i = int(np.argmax(self.targets >= len(self.classes)))
-            where = "its extra/keys name" if f.keys else "SHD has"
-            raise EventFileError(
-                self.path, f"sample {i} has label {int(self.targets[i])}, but {where} only "
-                f"{len(self.classes)} classes (labels 0..{len(self.classes) - 1})")
-        self._file: SHDFile | None = None
-        self._pid: int | None = None
-
-    def _handle(self) -> SHDFile:
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = SHDFile(self.path), os.getpid()
-        return self._file
-
-    def events(self, i: int) -> np.ndarray:
-        return self._handle().events(i)
-
-    def source(self, i: int) -> tuple[str, object]:
-        return str(self.path), {"sample": int(i)}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_file"], state["_pid"] = None, None
-        return state

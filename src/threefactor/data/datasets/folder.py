@@ -16,46 +16,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .base import EventDataset, check_outside_sensor, not_found
-from ..errors import DataFileError, EventFileError, UnknownClassError
-from .gesture import cut, read_aedat, read_npy_events, read_segments_csv
-from .nmnist import read_bin
+from ...errors import DataFileError, UnknownClassError
+from ..formats.event_file import SUFFIXES, read_events
+from ..formats.label_csv import read_file_labels, read_segments_csv
+from ..transforms import time_window
+from .base import EventDataset, LastRecording, not_found
 
-SUFFIXES = (".aedat", ".npy", ".bin")
 LABELS_FILE = "labels.csv"
 SEGMENTS_SUFFIX = "_labels.csv"
-
-
-def read_events(path: str | os.PathLike, npy_columns: str = "xytp", npy_time_scale_us: float = 1.0) -> np.ndarray:
-    """Events of one recording, by its suffix (.aedat, .npy, .bin)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".aedat":
-        return read_aedat(path)
-    if suffix == ".npy":
-        return read_npy_events(path, npy_columns, npy_time_scale_us)
-    if suffix == ".bin":
-        return read_bin(path)
-    raise EventFileError(path, f"its suffix {suffix!r} is not one of {', '.join(SUFFIXES)}")
-
-
-def _read_labels_file(path: Path) -> list[tuple[str, str]]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise DataFileError(path, "it is not UTF-8 text") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        cells = [c.strip() for c in line.split(",")]
-        if not any(cells) or (n == 1 and [c.lower() for c in cells] == ["file", "label"]):
-            continue
-        if len(cells) != 2 or not all(cells):
-            raise DataFileError(path, f"line {n} is not 'file,label'")
-        rows.append((cells[0], cells[1]))
-    return rows
 
 
 def _class_order(names) -> list[str]:
@@ -80,21 +52,19 @@ class EventFolder(EventDataset):
     def __init__(
         self,
         root: str | os.PathLike,
-        transform=None,
+        transform: Callable | None = None,
         sensor_size: tuple[int, int, int] | None = None,
         classes: Sequence[str] | None = None,
-        target_transform=None,
+        target_transform: Callable | None = None,
         npy_columns: str = "xytp",
         npy_time_scale_us: float = 1.0,
         outside_sensor: str = "error",
     ) -> None:
+        super().__init__(transform, target_transform, outside_sensor)
         self.root = Path(root)
-        self.transform = transform
-        self.target_transform = target_transform
         self.npy_columns = npy_columns
         self.npy_time_scale_us = npy_time_scale_us
-        self.outside_sensor = check_outside_sensor(outside_sensor)
-        self._last: tuple[Path, np.ndarray] | None = None
+        self._last = LastRecording()
         if not self.root.is_dir():
             raise not_found("event folder", self.root, "pass the folder that holds your recordings")
         samples = self._scan()
@@ -121,7 +91,7 @@ class EventFolder(EventDataset):
         listing = self.root / LABELS_FILE
         if listing.is_file():
             out = []
-            for n, (name, label) in enumerate(_read_labels_file(listing), 1):
+            for n, (name, label) in enumerate(read_file_labels(listing), 1):
                 if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
                     raise DataFileError(
                         listing, f"row {n} names {name[:80]!r}, which is not inside {self.root}; "
@@ -166,17 +136,13 @@ class EventFolder(EventDataset):
     def events(self, i: int) -> np.ndarray:
         path, _, start, end = self.samples[i]
         if start is None:
-            return read_events(path, self.npy_columns, self.npy_time_scale_us)
-        if self._last is None or self._last[0] != path:
-            self._last = (path, read_events(path, self.npy_columns, self.npy_time_scale_us))
-        return cut(self._last[1], start, end)
+            return self._read(path)
+        return time_window(self._last.read(path, self._read), start, end - start)
+
+    def _read(self, path: Path) -> np.ndarray:
+        return read_events(path, self.npy_columns, self.npy_time_scale_us)
 
     def source(self, i: int) -> tuple[str, object]:
         path, _, start, end = self.samples[i]
         return str(path), {"start_us": start, "end_us": end, "npy_columns": self.npy_columns,
                            "npy_time_scale_us": self.npy_time_scale_us}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_last"] = None
-        return state

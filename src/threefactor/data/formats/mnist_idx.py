@@ -1,4 +1,4 @@
-"""MNIST's IDX files (plain or gzip), read with numpy; the source images of N-MNIST."""
+"""IDX files (plain or gzip), the format of MNIST, read with numpy."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataFileError
+from ...errors import DataFileError
 
 # IDX type codes -> big-endian numpy types.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 
 
 def decode_idx(data: bytes, path: str | os.PathLike | None = None) -> np.ndarray:
@@ -45,13 +41,3 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise DataFileError(path, f"its gzip stream is damaged ({exc})") from None
     return decode_idx(raw, path)
-
-
-def load_mnist(root: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 28, 28), labels int64 (N,)) of MNIST's ``split`` from the IDX files in ``root``."""
-    images_name, labels_name = FILES[split]
-    images = read_idx(Path(root) / images_name)
-    labels = read_idx(Path(root) / labels_name).astype(np.int64)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataFileError(root, f"its {split} images {images.shape} and labels {labels.shape} do not match")
-    return images, labels

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .events import make_events
+from ..events import make_events
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
-"""N-MNIST made here: a static image moved in three saccades in front of the pixel model.
+"""N-MNIST-like recordings made here: a static image moved in three saccades in front of the pixel model.
 
 N-MNIST was recorded by an ATIS sensor on a pan-tilt unit making three ~100 ms saccades that
 form a triangle, in front of a monitor showing an MNIST digit (Orchard et al. 2015); the
 34 x 34 view is the 28 x 28 digit plus the ~6 pixels it travels. We do the same in software:
 the digit (blurred a little, as optics do) is drawn at sub-pixel positions along that
 triangle (bilinear sampling, done as two small matrix products since the motion is a pure
-translation), turned into log intensity above a monitor's black level, and handed to ``pixel_model.video_to_events`` -- the same pixel model as the embedded dataset.
+translation), turned into log intensity above a monitor's black level, and handed to
+``pixel_model.video_to_events`` -- the same pixel model as the embedded dataset.
 
 The triangle below was read off the real recordings in ``shared/data/nmnist-small``: the
 event centroid moves down (and a little right) in the first saccade, up-right in the second
@@ -14,18 +15,12 @@ and left in the third, with the event rate peaking mid-saccade (a smooth start a
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import EventDataset, check_split
-from .mnist import FILES, load_mnist
-from .nmnist import CLASSES as NMNIST_CLASSES
 from .pixel_model import PixelModel, video_to_events
 
 
@@ -112,47 +107,3 @@ def simulate_saccades(
         # A crossing exactly at the last frame would open a bin of its own; keep it in the last one.
         np.minimum(ev["t"], last, out=ev["t"])
     return events
-
-
-class SimulatedNMNIST(EventDataset):
-    """N-MNIST-like recordings simulated from MNIST's IDX files in ``root_mnist``.
-
-    Sample ``i`` is made from MNIST image ``i`` of ``split`` with a random generator seeded by
-    (seed, split, i), so it is the same on every access, in every process. ``n`` keeps the
-    first ``n`` images. Sensor (34, 34, 2), classes as ``NMNIST``.
-    """
-
-    classes = NMNIST_CLASSES
-    sensor_size = (34, 34, 2)
-
-    def __init__(
-        self,
-        root_mnist: str | os.PathLike,
-        split: str = "train",
-        n: int | None = None,
-        transform=None,
-        seed: int = 0,
-        spec: SaccadeSpec = SaccadeSpec(),
-        target_transform=None,
-    ) -> None:
-        self.root = Path(root_mnist)
-        self.split = check_split(split)
-        self.transform = transform
-        self.target_transform = target_transform
-        self.seed = seed
-        self.spec = spec
-        self.sensor_size = (spec.sensor, spec.sensor, 2)
-        images, labels = load_mnist(self.root, split)
-        if n is not None:
-            images, labels = images[:n], labels[:n]
-        self.images = images
-        self.targets = labels
-
-    def events(self, i: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.split == "test", i])
-        return simulate_saccades(self.images[i:i + 1], self.spec, rng)[0]
-
-    def source(self, i: int) -> tuple[str, object]:
-        return str(self.root / FILES[self.split][0]), {
-            "simulated": "saccades", "index": int(i), "seed": self.seed, "spec": dataclasses.asdict(self.spec),
-        }

@@ -1,4 +1,5 @@
-"""The embedded dataset: DVS-like recordings of textures in motion, made in-process in seconds.
+"""The recordings of the embedded dataset: textures in motion in front of the pixel model,
+made in-process in seconds.
 
 Eight classes come in four time-reversed pairs: translation right/left and up/down, rotation
 counter-clockwise/clockwise, expansion/contraction. Every sample shows a fresh random texture
@@ -19,9 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .events import EVENT_DTYPE
 from .pixel_model import PixelModel, video_to_events
-from .transforms import ToFrame
 
 MOTION_CLASSES: tuple[str, ...] = (
     "right", "left", "up", "down", "rotate_ccw", "rotate_cw", "expand", "contract",
@@ -125,37 +124,3 @@ def make_motion_dataset(
         # A crossing exactly at the last frame would fall into bin `timesteps`; keep it inside.
         np.minimum(ev["t"], spec.timesteps * 1000 - 1, out=ev["t"])
     return events, labels.numpy()
-
-
-class MotionDataset(torch.utils.data.Dataset):
-    """The embedded motion dataset, Tonic-style: ``dataset[i] -> (transform(events), label)``.
-
-    Train and test splits use different seeds, so no texture is shared between them.
-    """
-
-    classes = MOTION_CLASSES
-    sensor_size = SENSOR_SIZE
-
-    def __init__(
-        self,
-        split: str = "train",
-        n: int = 800,
-        seed: int = 1234,
-        spec: MotionSpec = MotionSpec(),
-        transform=None,
-    ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.spec = spec
-        self.transform = transform if transform is not None else ToFrame(
-            SENSOR_SIZE, dt_us=1000, n_bins=spec.timesteps
-        )
-        self.events, self.targets = make_motion_dataset(n, seed * 2 + (split == "test"), spec)
-
-    def __len__(self) -> int:
-        return len(self.events)
-
-    def __getitem__(self, i: int):
-        ev = self.events[i]
-        assert ev.dtype == EVENT_DTYPE
-        return self.transform(ev), int(self.targets[i])

@@ -2,8 +2,9 @@
 
 ``dataset[i] -> (transform(events), label)``, with ``classes``, ``sensor_size`` (W, H, P) and
 ``targets``. Two more methods keep caching honest: ``events(i)`` gives the raw events (no
-transform) and ``source(i)`` names where they come from (a file path plus what part of it),
-so a cache can key on the file's size, mtime and content and never serve data from an older file.
+transform) and ``source(i)`` names where they come from (a file path plus what part of it; for
+recordings made here, the module that makes them plus its seed and settings), so a cache can
+key on the file's size, mtime and content and never serve data from an older file.
 
 Every sample is checked against ``sensor_size`` as it is read: an event off the sensor is an
 ``EventFileError`` naming the file and the event (``outside_sensor="drop"`` drops such events
@@ -20,8 +21,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import DatasetNotFoundError, EventFileError
-from .events import describe_event, describe_sensor, first_outside_sensor, inside_sensor
+from ...errors import DatasetNotFoundError, EventFileError
+from ..download import Resource, download_and_extract
+from ..events import describe_event, describe_sensor, first_outside_sensor, inside_sensor
 
 SPLITS = ("train", "test")
 OUTSIDE_SENSOR = ("error", "drop")  # what to do with an event off the sensor
@@ -49,6 +51,12 @@ class EventDataset(torch.utils.data.Dataset):
     transform: Callable | None = None
     target_transform: Callable | None = None
     outside_sensor: str = "error"  # or "drop": events off the sensor are dropped, not refused
+
+    def __init__(self, transform: Callable | None = None, target_transform: Callable | None = None,
+                 outside_sensor: str = "error") -> None:
+        self.transform = transform
+        self.target_transform = target_transform
+        self.outside_sensor = check_outside_sensor(outside_sensor)
 
     def events(self, i: int) -> np.ndarray:
         """Raw events of sample ``i`` (``EVENT_DTYPE``), before any transform and unchecked."""
@@ -91,6 +99,43 @@ class EventDataset(torch.utils.data.Dataset):
         if self.target_transform is not None:
             y = self.target_transform(y)
         return x, y
+
+
+class PublishedDataset(EventDataset):
+    """A published dataset: a train and a test split under ``root``, whose archives
+    ``resources`` names (``fetch`` downloads and unpacks the split's)."""
+
+    resources: dict[str, Resource]
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
+                 target_transform: Callable | None = None, outside_sensor: str = "error") -> None:
+        super().__init__(transform, target_transform, outside_sensor)
+        self.root = Path(root)
+        self.split = check_split(split)
+
+    def fetch(self) -> None:
+        """Download the split's archive into ``root`` (checked against its md5) and unpack it."""
+        download_and_extract(self.resources[self.split], self.root)
+
+
+class LastRecording:
+    """The recording read last, kept so that the samples cut from one file parse it once.
+
+    Not pickled: each DataLoader worker reads its own recordings.
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.events: np.ndarray | None = None
+
+    def read(self, path: Path, reader: Callable[[Path], np.ndarray]) -> np.ndarray:
+        """The events of ``path``: the kept ones if it was the last file read, else ``reader(path)``."""
+        if self.events is None or self.path != path:
+            self.path, self.events = path, reader(path)
+        return self.events
+
+    def __reduce__(self):
+        return LastRecording, ()
 
 
 def not_found(name: str, looked_for: str | os.PathLike, how: str) -> DatasetNotFoundError:

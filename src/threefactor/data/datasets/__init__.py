@@ -1,0 +1,1 @@
+"""Datasets: ``dataset[i] -> (transform(events), label)`` over recordings on disk or made here."""
