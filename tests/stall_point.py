@@ -40,7 +40,7 @@ def wait_for_marker(proc: subprocess.Popen, marker: Path, timeout: float = 120.0
 def main(argv: list[str]) -> int:
     import threefactor.run.from_config as from_config
     from threefactor.cli import main as threefactor_main
-    from threefactor.run.trainer import Observer
+    from threefactor.run.observer import Observer
 
     when, at, marker = argv[0].split(":", 2)
     at = int(at)

@@ -16,7 +16,7 @@ from threefactor.config import dump_config, load_config
 from threefactor.rules.common import resolve_loss
 from threefactor.run.checkpoint import load_checkpoint
 from threefactor.run.from_config import FrameBatches, load_data
-from threefactor.run.trainer import evaluate
+from threefactor.run.evaluate import evaluate
 
 TINY = [
     "data.n_train=16", "data.n_test=8", "data.timesteps=12", "rule.burn_in=2",

@@ -10,7 +10,7 @@ import pytest
 
 from threefactor.cli import main
 from threefactor.config import load_config
-from threefactor.run.evaluate import evaluate_run
+from threefactor.run.reopen import evaluate_run
 from threefactor.run.from_config import train
 
 TINY = ["data.n_train=24", "data.n_test=12", "data.timesteps=16", "rule.burn_in=3", "train.epochs=1",

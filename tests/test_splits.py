@@ -75,19 +75,10 @@ def test_missing_recordings_are_one_sentence_naming_where_they_were_looked_for(t
 
 def test_a_folder_of_own_recordings_trains_end_to_end(tmp_path):
     """The tutorial's last step: train/ and test/ class folders of .npy files, 64 x 64 -> 32 x 32."""
-    from threefactor.data.events import make_events
+    from own_recordings import write_left_right_folder
     from threefactor.run.from_config import train
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 4)):
-        for label in ("left", "right"):
-            folder = tmp_path / "rec" / split / label
-            folder.mkdir(parents=True)
-            for i in range(n):
-                t = np.sort(rng.integers(0, 40_000, 300))
-                x = (t // 1000) if label == "right" else 63 - (t // 1000)
-                ev = make_events(np.clip(x, 0, 63), rng.integers(0, 64, 300), t, rng.integers(0, 2, 300))
-                np.save(folder / f"{i}.npy", ev)
+    write_left_right_folder(tmp_path / "rec", {"train": 6, "test": 4})
     cfg = load_config(None, [
         "data.dataset=folder", f"data.root={tmp_path / 'rec'}", "data.timesteps=20", "data.dt_us=2000",
         "data.downsample=2", "rule.burn_in=2", "train.epochs=1", "train.batch_size=4",

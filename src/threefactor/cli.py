@@ -24,9 +24,6 @@ def _is_main_process() -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import dump_config
-    from .run.from_config import train
-
     if args.resume is not None:
         return _resume(args)
     overrides = list(args.set or [])
@@ -36,28 +33,15 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    main_process = _is_main_process()
-    if args.print_config:
-        if main_process:
-            print(dump_config(cfg), end="")
-        return 0
-    if main_process:
-        print(f"run directory: {out}")
-    args.run_dir = out
-    summary = train(cfg, out)
-    accs = " ".join(f"{k} {v:.3f}" for k, v in summary["test_accuracy"].items())
-    if main_process:
-        print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {out}")
-    return 0
+    return _run_training(args, cfg, out, resume=False)
 
 
 def _resume(args: argparse.Namespace) -> int:
     """`train --resume RUN_DIR [--set KEY=VALUE ...]`: continue a run with its own config.yaml;
     ``--set`` may change what does not change what the run computes (``RESUMABLE_CHANGES``:
     e.g. ``train.epochs``, which extends a finished run)."""
-    from .config import dump_config
     from .errors import RunError
-    from .run.from_config import RESUMABLE_CHANGES, train
+    from .run.from_config import RESUMABLE_CHANGES
 
     run = Path(args.resume)
     given = [flag for flag, value in (("--config", args.config), ("--seed", args.seed)) if value]
@@ -79,23 +63,31 @@ def _resume(args: argparse.Namespace) -> int:
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run}: not a run directory (no config.yaml there) to resume")
     cfg = load_config(run / "config.yaml", [*(args.set or []), *([f"device={args.device}"] if args.device else [])])
+    return _run_training(args, cfg, run, resume=True)
+
+
+def _run_training(args: argparse.Namespace, cfg, out: Path, resume: bool) -> int:
+    """Train (or resume) ``cfg`` into ``out``, or only print the config (--print-config)."""
+    from .config import dump_config
+    from .run.from_config import train
+
     main_process = _is_main_process()
     if args.print_config:
         if main_process:
             print(dump_config(cfg), end="")
         return 0
     if main_process:
-        print(f"resuming run directory: {run}")
-    args.run_dir = run
-    summary = train(cfg, run, resume=True)
+        print(f"{'resuming run directory' if resume else 'run directory'}: {out}")
+    args.run_dir = out
+    summary = train(cfg, out, resume=resume)
     accs = " ".join(f"{k} {v:.3f}" for k, v in summary["test_accuracy"].items())
     if main_process:
-        print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {run}")
+        print(f"done in {summary['wall_time_s']:.0f} s; test accuracy {accs}; results in {out}")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .run.evaluate import plot_run
+    from .run.reopen import plot_run
 
     paths = plot_run(args.run_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -105,7 +97,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .errors import RunError
     from .report.plots import plot_confusion
-    from .run.evaluate import evaluate_run
+    from .run.reopen import evaluate_run
 
     result = evaluate_run(args.run_dir, args.set or [], args.device)
     print(f"{result.samples} test samples, {len(result.classes)} classes")
@@ -118,6 +110,22 @@ def _eval(args: argparse.Namespace) -> int:
     except OSError as err:
         raise RunError(f"cannot write {out}: {err.strerror or err}") from None
     print(f"wrote {path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .run.reopen import predict_files
+
+    predictions = predict_files(args.run_dir, args.files, args.device)
+    if args.json:
+        print(json.dumps([vars(p) for p in predictions], indent=2))
+        return 0
+    for p in predictions:
+        layers = range(len(p.classes)) if args.all_layers else [len(p.classes) - 1]
+        voted = "  ".join(f"layer {i + 1}: {p.classes[i]} ({100 * p.vote_share[i]:.0f} % of steps)" for i in layers)
+        print(f"{p.path}\t{voted}")
     return 0
 
 
@@ -188,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="the confusion-matrix PNG (default: RUN_DIR/plots/confusion.png)")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("predict", help="the class a run's network gives each of some recordings (no labels needed)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint.pt)")
+    p.add_argument("files", metavar="FILE", nargs="+", help="event files (.aedat, .npy, .bin)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--all-layers", action="store_true", help="every layer's class, not only the last layer's")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=_predict)
     p = sub.add_parser("demo", help="small demonstrations of the paper (regression: Sec. 3.1, Fig. 1)")
     p.add_argument("name", choices=["regression"], help="which demo")
     p.add_argument("--out", help="output directory (default: runs/regression-<date-time>)")

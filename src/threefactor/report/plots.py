@@ -13,7 +13,7 @@
 
 Time axes are in ms: steps times the run's bin, ``data.dt_us``.
 
-``PlotsObserver`` draws them when a run ends; ``threefactor.run.evaluate.plot_run(RUN_DIR)``
+``PlotsObserver`` draws them when a run ends; ``threefactor.run.reopen.plot_run(RUN_DIR)``
 redraws them from a finished or running run (checkpoint + metrics.jsonl), for ``threefactor
 plot RUN_DIR``.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_atomic
-from ..run.trainer import Observer
+from ..run.observer import Observer
 
 PLOTS_DIR = "plots"
 PLOT_FILES = ("error_curves.png", "filters.png", "neuron_states.png", "input_events.png")

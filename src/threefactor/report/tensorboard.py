@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..run.trainer import BatchMetrics, Observer, RunStart, SplitMetrics
+from ..run.observer import BatchMetrics, Observer, RunStart, SplitMetrics
 
 TENSORBOARD_DIR = "tensorboard"
 

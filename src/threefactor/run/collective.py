@@ -27,11 +27,11 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from ..errors import DistributedError
+from ..errors import DistributedError, RunError
 
 SYNC_MODES: tuple[str, ...] = ("exact", "periodic")
 
@@ -359,3 +359,48 @@ class Synchroniser:
             "communication_s": self.seconds,
             "communication_ms_per_step": 1e3 * self.seconds / max(self.steps, 1),
         }
+
+
+# --- a run's problems and figures on every process ------------------------------------------
+
+
+def together(info: DistInfo, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on this process; under torchrun, a RunError that any process raised is raised on
+    every process (the others' copies are marked ``relayed``), so that none waits forever."""
+    if not info.enabled:
+        return fn()
+    try:
+        result, error = fn(), None
+    except RunError as err:
+        result, error = None, err
+    messages = all_gather_object(None if error is None else str(error))
+    first = next((m for m in messages if m is not None), None)
+    if first is None:
+        return result
+    if error is not None and str(error) == first:
+        raise error
+    relayed = RunError(first)
+    relayed.relayed = True
+    raise relayed
+
+
+def everywhere(info: DistInfo, err: RunError) -> RunError:
+    """``err``, which every process raises at once: process 0 reports it, the others keep quiet."""
+    err.relayed = info.rank > 0
+    return err
+
+
+def mean_stats(stats: dict | None, info: DistInfo) -> dict | None:
+    """A rule's per-layer figures (lists of numbers), averaged over the processes."""
+    if not info.enabled or not stats:
+        return stats
+    keys = sorted(k for k, v in stats.items()
+                  if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v))
+    if not keys:
+        return stats
+    flat = torch.tensor([float(x) for k in keys for x in stats[k]], dtype=torch.float64)
+    mean = (all_reduce_sum(flat) / info.world_size).tolist()
+    out, i = dict(stats), 0
+    for k in keys:
+        out[k], i = mean[i:i + len(stats[k])], i + len(stats[k])
+    return out

@@ -33,7 +33,9 @@ from .allocator import retain_freed_memory
 from .collective import DistInfo
 from .directory import RunDirectory
 from .optim import Adamax
-from .trainer import Observer, Trainer, open_run_directory, together
+from .collective import together
+from .observer import Observer
+from .trainer import Trainer, open_run_directory
 
 # Settings a resumed run may change: they do not change what the run computes.
 RESUMABLE_CHANGES = (

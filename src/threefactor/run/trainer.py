@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -44,12 +43,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import DistributedError, RunDirectoryError, RunError
-from ..rules.common import SequenceResult, predict_sequence
+from ..rules.common import SequenceResult
 from . import collective
 from .checkpoint import checkpoint_bytes, parse_checkpoint, read_checkpoint, write_checkpoint
-from .collective import DistInfo, Synchroniser
+from .collective import DistInfo, Synchroniser, everywhere, mean_stats, together
 from .directory import CHECKPOINT_NAME, METRICS_NAME, RunDirectory
 from .divergence import DivergenceGuard, nonfinite_problem
+from .evaluate import batch_accuracy, evaluate
+from .observer import BatchMetrics, Observer, RunStart, SplitMetrics
 from .progress import Progress, epoch_seed, rng_states, set_rng_states
 
 
@@ -57,67 +58,7 @@ from .progress import Progress, epoch_seed, rng_states, set_rng_states
 RESERVED_KEYS = frozenset({"format", "version", "config", "epoch", "model", "optimizer", "scheduler", "progress"})
 
 
-# --- what observers are told ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunStart:
-    """The run as it starts (or resumes): ``batches_done`` training batches are behind it."""
-
-    out_dir: Path
-    network: nn.Module
-    batches_done: int
-    resumed: bool
-    log: Callable[[str], None]
-
-
-class BatchMetrics(NamedTuple):
-    """One training batch, over all processes; lists have one entry per layer."""
-
-    epoch: int
-    batch: int  # 1-based, within the epoch
-    batches_done: int  # over the whole run, this one included
-    loss: list[float]
-    firing_rate: list[float]
-    lr: float
-
-
-class SplitMetrics(NamedTuple):
-    """Per-layer figures of a split: ``train`` (the epoch's running figures) or ``test``."""
-
-    epoch: int
-    batches_done: int
-    split: str
-    accuracy: list[float]
-    loss: list[float]
-    firing_rate: list[float]
-
-
-class Observer:
-    """Watches a run; override what you need (every method does nothing here). Called on
-    process 0 only. ``threefactor.report`` has TensorBoard and plots observers."""
-
-    def on_start(self, run: RunStart) -> None: ...
-
-    def on_batch(self, metrics: BatchMetrics) -> None: ...
-
-    def on_evaluation(self, metrics: SplitMetrics) -> None: ...
-
-    def on_epoch(self, epoch: int, batches_done: int, network: nn.Module) -> None: ...
-
-    def on_checkpoint(self, batches_done: int) -> None: ...
-
-    def on_end(self, summary: dict, network: nn.Module) -> None: ...
-
-    def close(self) -> None: ...
-
-
 # --- the trainer -------------------------------------------------------------------------------
-
-
-def batch_accuracy(votes: Tensor, labels: Tensor) -> Tensor:
-    """Per-layer number of samples whose most voted class is the label, (L,)."""
-    return (votes.argmax(2) == labels[None]).sum(1)
 
 
 class Trainer:
@@ -624,43 +565,6 @@ class _Run:
         self.checkpoint()
 
 
-# --- evaluation ----------------------------------------------------------------------------------
-
-
-def evaluate(
-    network: nn.Module, batches: Iterable, loss: Any = "smooth_l1", burn_in: int = 0,
-    device: torch.device | None = None, info: DistInfo = collective.SINGLE,
-    unpack: Callable[[Any, str], tuple[Tensor, Tensor]] | None = None,
-) -> tuple[list[float], list[float], list[float]]:
-    """Per-layer accuracy, mean local loss and firing rate of ``network`` over ``batches`` of
-    ``(frames, labels)``, without learning. Under torchrun (``info``) every process takes its
-    share of each batch and the sums are added over the processes."""
-    device = device if device is not None else next(network.parameters()).device
-    was_training = network.training
-    network.eval()
-    n = len(network.layers)
-    sums = torch.zeros(3 * n + 1, dtype=torch.float64)
-    for b, batch in enumerate(batches, start=1):
-        if unpack is not None:
-            x, y = unpack(batch, f"test batch {b}")
-        else:
-            x, y = batch[0].to(device, torch.float32), batch[1].to(device)
-        lo, hi = collective.shard(len(y), info.rank, info.world_size)
-        if hi == lo:
-            continue
-        x, y = x[lo:hi], y[lo:hi]
-        res = predict_sequence(network, x, y, burn_in, loss)
-        sums[:n] += batch_accuracy(res.votes, y).cpu().double()
-        sums[n:2 * n] += res.loss.cpu().double() * len(y)
-        sums[2 * n:3 * n] += res.rates.cpu().double() * len(y)
-        sums[-1] += len(y)
-    if info.enabled:
-        sums = collective.all_reduce_sum(sums)
-    network.train(was_training)
-    count = max(float(sums[-1]), 1.0)
-    return ((sums[:n] / count).tolist(), (sums[n:2 * n] / count).tolist(), (sums[2 * n:3 * n] / count).tolist())
-
-
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -687,48 +591,6 @@ def _with_last(items: Iterable) -> Iterator[tuple[int, Any, bool]]:
         yield b, current, False
         current, b = following, b + 1
     yield b, current, True
-
-
-def together(info: DistInfo, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on this process; under torchrun, a RunError that any process raised is raised on
-    every process (the others' copies are marked ``relayed``), so that none waits forever."""
-    if not info.enabled:
-        return fn()
-    try:
-        result, error = fn(), None
-    except RunError as err:
-        result, error = None, err
-    messages = collective.all_gather_object(None if error is None else str(error))
-    first = next((m for m in messages if m is not None), None)
-    if first is None:
-        return result
-    if error is not None and str(error) == first:
-        raise error
-    relayed = RunError(first)
-    relayed.relayed = True
-    raise relayed
-
-
-def everywhere(info: DistInfo, err: RunError) -> RunError:
-    """``err``, which every process raises at once: process 0 reports it, the others keep quiet."""
-    err.relayed = info.rank > 0
-    return err
-
-
-def mean_stats(stats: dict | None, info: DistInfo) -> dict | None:
-    """A rule's per-layer figures (lists of numbers), averaged over the processes."""
-    if not info.enabled or not stats:
-        return stats
-    keys = sorted(k for k, v in stats.items()
-                  if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v))
-    if not keys:
-        return stats
-    flat = torch.tensor([float(x) for k in keys for x in stats[k]], dtype=torch.float64)
-    mean = (collective.all_reduce_sum(flat) / info.world_size).tolist()
-    out, i = dict(stats), 0
-    for k in keys:
-        out[k], i = mean[i:i + len(stats[k])], i + len(stats[k])
-    return out
 
 
 def _silent(message: str) -> None:
