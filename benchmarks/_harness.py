@@ -60,15 +60,16 @@ NETWORKS = {
 
 def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
                  surrogate: str = "fast_sigmoid", ordering: str = "lagged", dropout: float = 0.5,
-                 closed_form: bool = True, compile: bool = False):
+                 closed_form: bool = True, compile: bool = False, precision: str = "fp32"):
     """A ``threefactor.config.Config`` for ``net`` trained by ``rule`` with the authors' settings
     and formulation (decays 0.97 / 0.92 / 0.65, fast-sigmoid surrogate, lagged P, the refractory
     trace before the pool, spikes on U > 0, readout biases, dropout 0.5 into the readouts,
     smooth L1, Adamax betas (0, 0.95)): the same computation as their code (tests/
     test_decolle_public.py). ``stllr`` gets the same stack with soft-reset LIF neurons.
-    ``closed_form=False`` makes DECOLLE take the autograd path (the before/after of the speed work)."""
+    ``closed_form=False`` makes DECOLLE take the autograd path (the before/after of the speed work);
+    ``precision`` is ``train.precision`` (fp32, bf16, auto)."""
     from threefactor.config import (Config, LayerConfig, NetworkConfig, NeuronConfig,
-                                    OptimConfig, RuleConfig)
+                                    OptimConfig, RuleConfig, TrainConfig)
 
     layers = [LayerConfig(t, c, k, p) for t, c, k, p in net.layers]
     network = NetworkConfig(
@@ -85,6 +86,7 @@ def paper_config(net: PaperNet, rule: str = "decolle", burn_in: int = 0,
         rule=RuleConfig(name=rule, loss="smooth_l1", burn_in=burn_in, closed_form=closed_form,
                         compile=compile),
         optim=OptimConfig(name="adamax", lr=net.lr, betas=(0.0, 0.95), lr_decay_every=0),
+        train=TrainConfig(precision=precision),
     )
 
 
@@ -170,9 +172,11 @@ def authors_targets(labels, steps: int, n_classes: int):
     return target, mask
 
 
-def authors_train_steps(model, optimizer, loss_fn, x, target, mask) -> None:
+def authors_train_steps(model, optimizer, loss_fn, x, target, mask, autocast: bool = False) -> None:
     """The body of decolle.utils.train for one batch, online_update=True, burnin 0; ``model.init``
-    (their state reset, which runs one extra step without gradient) is left to the caller."""
+    (their state reset, which runs one extra step without gradient) is left to the caller.
+    ``autocast``: their step and loss under ``torch.autocast(device, torch.bfloat16)``, the
+    backward and optimiser step outside it (what a user of their code could add)."""
     import warnings
 
     import numpy as np
@@ -184,8 +188,9 @@ def authors_train_steps(model, optimizer, loss_fn, x, target, mask) -> None:
     loss_tv = torch.tensor(0.0)
     t_sample = x.shape[1]
     for k in range(0, t_sample):
-        s, r, u = model.step(x[:, k, :, :])
-        loss_ = loss_fn(s, r, u, target=target[:, k, :], mask=mask[:, k, :], sum_=False)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            s, r, u = model.step(x[:, k, :, :])
+            loss_ = loss_fn(s, r, u, target=target[:, k, :], mask=mask[:, k, :], sum_=False)
         with warnings.catch_warnings():  # their torch.tensor(list of graph tensors) warns
             warnings.simplefilter("ignore")
             total_loss += tonp(torch.tensor(loss_))

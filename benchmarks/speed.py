@@ -13,9 +13,9 @@ batch size, on random events of 2 % density, it measures sample-time-steps per s
   installed: ``.venv/bin/pip install --no-deps decolle==0.2``) on their ``LenetDECOLLE``;
 - ``infer``: ``predict_sequence`` (no autograd) against the body of ``decolle.utils.test``;
 
-and the machine's practical peak: a 2048^3 fp32 matmul and a 7x7 128->128 conv on 16x16 maps
-(batch 32, NCHW and channels-last, the better one), in their own subprocesses at the start of
-every repeat, plus short bursts of both inside every worker just before its timed run. Each
+and the machine's practical peak: a 2048^3 matmul and a 7x7 128->128 conv on 16x16 maps
+(batch 32, NCHW and channels-last, the better one), each in fp32 and in bf16, in their own
+subprocesses at the start of every repeat, plus short bursts of both inside every worker just before its timed run. Each
 throughput is turned into GFLOP/s with the FLOPs per sample-step counted analytically
 (``_harness.flops_per_sample_step``) and reported as a fraction of the peak: best over best of
 the run, and paired with the burst peak of its own worker. The machine these run on is shared:
@@ -26,7 +26,10 @@ repeat, so ratios are taken between neighbours in time. ``ours`` is the default 
 DECOLLE step, ``ours_autograd`` the same rule through autograd (``rule.closed_form: false``,
 the before/after of the speed work; training only, inference has one path), and
 ``ours_compiled`` the closed form through ``torch.compile`` (``rule.compile: true``; its one-off
-compile happens in the untimed warm-up). ``--allocator`` sets the malloc policy of every
+compile happens in the untimed warm-up), ``ours_bf16`` the default step with
+``train.precision: bf16``, and ``theirs_autocast`` the authors' step and loss under
+``torch.autocast("cpu", torch.bfloat16)``. Every throughput is also given as a fraction of the
+bf16 peak of the same run (``fraction_of_bf16_peak``). ``--allocator`` sets the malloc policy of every
 measuring process, ours and theirs alike. Besides the
 paper's two networks, ``small`` is the 3-layer network of the 1 kHz target (see
 ``_harness.NETWORKS``). Writes ``speed.json`` and ``speed.png`` to ``--out``.
@@ -47,16 +50,21 @@ if __package__ in (None, ""):
 from benchmarks import _harness as H  # noqa: E402
 
 MODULE = "benchmarks.speed"
+OURS = ("ours", "ours_bf16", "ours_autograd", "ours_compiled")
+THEIRS = ("theirs", "theirs_autocast")
+IMPLS = OURS + THEIRS
+PEAKS = ("peak_matmul", "peak_conv", "peak_matmul_bf16", "peak_conv_bf16")
 
 
 # --- worker side ----------------------------------------------------------------------------
 
 
-def _time_peak_matmul(n: int = 2048, min_s: float = 2.0) -> dict:
+def _time_peak_matmul(n: int = 2048, min_s: float = 2.0, dtype: str = "fp32") -> dict:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.empty(n, n)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    c = torch.empty(n, n, dtype=dt)
     for _ in range(2):
         torch.mm(a, b, out=c)
     reps, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -68,19 +76,21 @@ def _time_peak_matmul(n: int = 2048, min_s: float = 2.0) -> dict:
             break
     cpu = time.process_time() - c0
     return {"gflops": 2 * n**3 * reps / el / 1e9, "gflops_per_cpu_s": 2 * n**3 * reps / cpu / 1e9,
-            "reps": reps, "elapsed_s": el, "cpu_s": cpu, "n": n}
+            "reps": reps, "elapsed_s": el, "cpu_s": cpu, "n": n, "dtype": dtype}
 
 
-def _time_peak_conv(batch: int = 32, ch: int = 128, hw: int = 16, k: int = 7, min_s: float = 2.0) -> dict:
+def _time_peak_conv(batch: int = 32, ch: int = 128, hw: int = 16, k: int = 7, min_s: float = 2.0,
+                    dtype: str = "fp32") -> dict:
     """The 7x7 conv of the networks' widest layer, forward, in both memory layouts (oneDNN is
     faster in plain NCHW for wide convs on CPU); ``gflops`` is the better of the two."""
     import torch
 
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     macs = batch * hw * hw * ch * ch * k * k
-    out = {"shape": f"{batch}x{ch}x{hw}x{hw}, {k}x{k}, {ch} out"}
+    out = {"shape": f"{batch}x{ch}x{hw}x{hw}, {k}x{k}, {ch} out", "dtype": dtype}
     for name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        conv = torch.nn.Conv2d(ch, ch, k, padding=k // 2).to(memory_format=fmt)
-        x = torch.randn(batch, ch, hw, hw).contiguous(memory_format=fmt)
+        conv = torch.nn.Conv2d(ch, ch, k, padding=k // 2).to(dtype=dt, memory_format=fmt)
+        x = torch.randn(batch, ch, hw, hw, dtype=dt).contiguous(memory_format=fmt)
         with torch.no_grad():
             for _ in range(2):
                 conv(x)
@@ -139,8 +149,9 @@ def _ours(spec: dict) -> dict:
 
     net = H.NETWORKS[spec["net"]]
     batch, mode = spec["batch"], spec["mode"]
+    precision = "bf16" if spec["kind"] == "ours_bf16" else "fp32"
     network, _, rule = H.build_ours(net, "decolle", closed_form=spec["kind"] != "ours_autograd",
-                                    compile=spec["kind"] == "ours_compiled")
+                                    compile=spec["kind"] == "ours_compiled", precision=precision)
     labels = H.random_labels(batch, net.n_classes)
     if mode == "train":
         network.train()
@@ -151,7 +162,7 @@ def _ours(spec: dict) -> dict:
         network.eval()
 
         def run(x):
-            predict_sequence(network, x, labels, 0, "smooth_l1")
+            predict_sequence(network, x, labels, 0, "smooth_l1", precision)
 
     warm = H.random_events(batch, 3, net.input_shape, seed=1)
     run(warm)  # first-use allocations and kernel selection
@@ -175,6 +186,7 @@ def _theirs(spec: dict) -> dict:
     batch, mode = spec["batch"], spec["mode"]
     model, optimizer, loss_fn = H.build_authors(net)
     labels = H.random_labels(batch, net.n_classes)
+    autocast = spec["kind"] == "theirs_autocast"
 
     def run(x):
         target, mask = H.authors_targets(labels, x.shape[1], net.n_classes)
@@ -182,7 +194,7 @@ def _theirs(spec: dict) -> dict:
             model.train()
             model.init(x, 0)  # their state reset (one step without gradient), not timed
             f0, c0, t0 = _minor_faults(), time.process_time(), time.perf_counter()
-            H.authors_train_steps(model, optimizer, loss_fn, x, target, mask)
+            H.authors_train_steps(model, optimizer, loss_fn, x, target, mask, autocast)
         else:
             model.eval()
             with torch.no_grad():
@@ -205,13 +217,13 @@ def _theirs(spec: dict) -> dict:
 def worker(spec: dict) -> dict:
     H.worker_setup(spec["threads"], spec.get("allocator", "retain"))
     kind = spec["kind"]
-    if kind == "peak_matmul":
-        return _time_peak_matmul()
-    if kind == "peak_conv":
-        return _time_peak_conv()
-    if kind in ("ours", "ours_autograd", "ours_compiled"):
+    if kind in ("peak_matmul", "peak_matmul_bf16"):
+        return _time_peak_matmul(dtype="bf16" if kind.endswith("bf16") else "fp32")
+    if kind in ("peak_conv", "peak_conv_bf16"):
+        return _time_peak_conv(dtype="bf16" if kind.endswith("bf16") else "fp32")
+    if kind in OURS:
         return _ours(spec)
-    if kind == "theirs":
+    if kind in THEIRS:
         ok, why = H.authors_available()
         if not ok:
             return {"error": why}
@@ -224,11 +236,11 @@ def worker(spec: dict) -> dict:
 
 def measure(args) -> dict:
     theirs_ok, theirs_version = H.authors_available()
-    if "theirs" not in args.impls:
+    if not set(THEIRS) & set(args.impls):
         theirs_ok, theirs_version = False, "not measured (--impls without theirs)"
     elif not theirs_ok:
         print(f"note: skipping the authors' column: {theirs_version}", file=sys.stderr)
-    raw: dict[str, list] = {"peak_matmul": [], "peak_conv": []}
+    raw: dict[str, list] = {k: [] for k in PEAKS}
     cells = [(n, m, b) for n in args.nets for m in args.modes for b in args.batches]
 
     def log(msg: str) -> None:
@@ -236,22 +248,22 @@ def measure(args) -> dict:
 
     t_all = time.perf_counter()
     for rep in range(args.repeats):
-        for kind in ("peak_matmul", "peak_conv"):
+        for kind in PEAKS:
             r = H.run_worker(MODULE, {"kind": kind, "threads": args.threads,
                                       "allocator": args.allocator}, args.threads)
             raw[kind].append(r)
             log(f"[rep {rep + 1}] {kind}: {r.get('gflops', r.get('error'))}")
         for net, mode, batch in cells:
             for impl in args.impls:
-                if (impl == "theirs" and not theirs_ok) or (impl in ("ours_autograd", "ours_compiled")
-                                                            and mode == "infer"):
+                if (impl in THEIRS and not theirs_ok) or (impl in ("ours_autograd", "ours_compiled",
+                                                                   "theirs_autocast") and mode == "infer"):
                     continue  # inference has one path: predict_sequence, no autograd
                 spec = {"kind": impl, "net": net, "mode": mode, "batch": batch,
                         "target_s": args.target_s, "threads": args.threads,
                         "allocator": args.allocator}
                 r = H.run_worker(MODULE, spec, args.threads, timeout=args.timeout)
                 raw.setdefault(f"{impl}/{net}/{mode}/{batch}", []).append(r)
-                log(f"[rep {rep + 1}] {impl:6s} {net:10s} {mode:5s} B={batch:3d}: "
+                log(f"[rep {rep + 1}] {impl:15s} {net:10s} {mode:5s} B={batch:3d}: "
                     f"{r.get('sample_steps_per_s', r.get('error'))}")
     wall = time.perf_counter() - t_all
     data = {
@@ -267,7 +279,10 @@ def measure(args) -> dict:
                      "ours": "threefactor DecolleRule.train_sequence / predict_sequence; fast_sigmoid, "
                              "lagged P, dropout 0.5, smooth L1, Adamax betas (0, 0.95), burn-in 0",
                      "theirs": f"decolle=={theirs_version}: LenetDECOLLE + loop bodies of decolle.utils."
-                               "train (online_update) / test" if theirs_ok else theirs_version},
+                               "train (online_update) / test" if theirs_ok else theirs_version,
+                     "ours_bf16": "ours with train.precision bf16 (bf16 synapse products, fp32 master "
+                                  "weights, optimiser state, traces and losses)",
+                     "theirs_autocast": "theirs with their step and loss under torch.autocast(cpu, bfloat16)"},
         "flops": {n: H.flops_per_sample_step(H.NETWORKS[n]) for n in args.nets},
         "raw": raw,
         "wall_s": wall,
@@ -287,8 +302,10 @@ def aggregate(data: dict) -> dict:
     # The machine is shared: the median shows the typical run under the load of the moment, the
     # best (max) of the repeats what the code does when it gets the cores. Fractions of peak are
     # best over best (both measured in this run) and, less sensitive to load, per CPU-second.
-    peak = {k: H.summarise(vals(k, "gflops")) for k in ("peak_matmul", "peak_conv")}
-    peak_ref = max((p["max"] or 0.0) for p in peak.values())
+    peak = {k: H.summarise(vals(k, "gflops")) for k in PEAKS}
+    peak_ref = max((peak[k]["max"] or 0.0) for k in ("peak_matmul", "peak_conv"))
+    # bf16 peak: of the bf16 kernels; every implementation (fp32 ones too) against it
+    peak_bf16_ref = max((peak[k]["max"] or 0.0) for k in ("peak_matmul_bf16", "peak_conv_bf16"))
     peak_cpu = {k: H.summarise(vals(k, "gflops_per_cpu_s")) for k in ("peak_matmul", "peak_conv")}
     peak_cpu_ref = max((p["max"] or 0.0) for p in peak_cpu.values())
     rows = []
@@ -326,18 +343,28 @@ def aggregate(data: dict) -> dict:
         # the other paths of ours: each against theirs, and the default against it (or it
         # against the default), paired repeat by repeat
         for impl, short, speedup in (("ours_autograd", "autograd", "speedup_closed_form_over_autograd"),
-                                     ("ours_compiled", "compiled", "speedup_compiled_over_eager")):
+                                     ("ours_compiled", "compiled", "speedup_compiled_over_eager"),
+                                     ("ours_bf16", "bf16", "speedup_bf16_over_fp32"),
+                                     ("theirs_autocast", "theirs_autocast", None)):
             key = f"{impl}/{net}/{mode}/{batch}"
             if not raw.get(key):
                 continue
             v = vals(key)
             row[f"{impl}_sample_steps_per_s"] = H.summarise(v)
             row[f"{impl}_sample_steps_per_cpu_s"] = H.summarise(vals(key, "sample_steps_per_cpu_s"))
-            if len(v) == len(ours):
+            row["errors"] += [r["error"] for r in raw[key] if "error" in r]
+            if speedup and len(v) == len(ours):
                 pairs = zip(ours, v) if impl == "ours_autograd" else zip(v, ours)
                 row[speedup] = H.summarise([a / b for a, b in pairs])
-            if theirs_ok and len(v) == len(theirs):
+            if theirs_ok and v and len(v) == len(theirs):
                 row[f"ratio_{short}_over_theirs"] = H.summarise([a / t for a, t in zip(v, theirs)])
+        bf16, autocast = (vals(f"{k}/{net}/{mode}/{batch}") for k in ("ours_bf16", "theirs_autocast"))
+        if bf16 and len(bf16) == len(autocast):
+            row["ratio_bf16_over_theirs_autocast"] = H.summarise([a / t for a, t in zip(bf16, autocast)])
+        # every implementation's best as a fraction of the bf16 peak of the same run
+        row["fraction_of_bf16_peak"] = {
+            impl: (max(v) * f_step / 1e9 / peak_bf16_ref)
+            for impl in IMPLS if peak_bf16_ref and (v := vals(f"{impl}/{net}/{mode}/{batch}"))}
         if mode == "train":
             row["ours_fraction_of_peak_3x_convention"] = (
                 (s_ours["max"] or 0) * flops["train_3x"] / 1e9 / peak_ref if peak_ref else None)
@@ -347,6 +374,7 @@ def aggregate(data: dict) -> dict:
     data.update({
         "peak_gflops": peak,
         "peak_reference_gflops": peak_ref,
+        "peak_reference_bf16_gflops": peak_bf16_ref,
         "peak_gflops_per_cpu_s": peak_cpu,
         "peak_reference_gflops_per_cpu_s": peak_cpu_ref,
         "results": rows,
@@ -373,7 +401,10 @@ def plot(data: dict, path: Path) -> None:
             for key, label, color in (("ours_sample_steps_per_s", "threefactor", "C0"),
                                       ("ours_autograd_sample_steps_per_s", "threefactor, autograd path", "C2"),
                                       ("ours_compiled_sample_steps_per_s", "threefactor, rule.compile", "C3"),
-                                      ("theirs_sample_steps_per_s", "decolle==0.2 (authors)", "C1")):
+                                      ("ours_bf16_sample_steps_per_s", "threefactor, bf16", "C4"),
+                                      ("theirs_sample_steps_per_s", "decolle==0.2 (authors)", "C1"),
+                                      ("theirs_autocast_sample_steps_per_s", "decolle==0.2 under bf16 autocast",
+                                       "C5")):
                 s = [r[key] for r in sel if r.get(key) and r[key]["median"]]
                 if len(s) != len(sel) or not s:
                     continue
@@ -402,25 +433,30 @@ def plot(data: dict, path: Path) -> None:
 
 
 def table(data: dict) -> str:
-    lines = ["sample-steps/s: median (best) of the repeats; ratios: median of paired runs; %peak: best/best",
-             "net         mode  batch   ours/s median (best)  theirs/s median (best)  ours/theirs  "
-             "autograd/theirs  compiled/theirs  %peak %peak(cpu)"]
+    """One line per (net, mode, batch, implementation): sample-steps/s median (best), the paired
+    ratio against the authors' code as shipped, and the best as a percentage of the peaks."""
+    lines = ["sample-steps/s: median (best) of the repeats; x theirs: median of paired runs; "
+             "%peak: best over the best fp32 / bf16 peak of the run",
+             "net         mode  batch  impl              steps/s median (best)  x theirs  %peak32 %peak16"]
+    peak32, peak16 = data["peak_reference_gflops"], data.get("peak_reference_bf16_gflops")
+    ratio_key = {"ours": "ratio_ours_over_theirs", "ours_autograd": "ratio_autograd_over_theirs",
+                 "ours_compiled": "ratio_compiled_over_theirs", "ours_bf16": "ratio_bf16_over_theirs",
+                 "theirs_autocast": "ratio_theirs_autocast_over_theirs"}
     for r in data["results"]:
-        o, t, q = r["ours_sample_steps_per_s"], r["theirs_sample_steps_per_s"], r["ratio_ours_over_theirs"]
-
-        def fmt(s):
-            return f"{s['median']:9.1f} ({s['max']:8.1f})" if s and s["median"] else " " * 20
-
-        ratio = f"{q['median']:6.2f}x" if q and q["median"] else "   n/a "
-        qa = r.get("ratio_autograd_over_theirs")
-        ratio_a = f"{qa['median']:6.2f}x" if qa and qa["median"] else "   n/a "
-        qc = r.get("ratio_compiled_over_theirs")
-        ratio_c = f"{qc['median']:6.2f}x" if qc and qc["median"] else "   n/a "
-        frac = f"{100 * r['ours_fraction_of_peak']:5.1f}" if r["ours_fraction_of_peak"] else "  n/a"
-        fc = r.get("ours_fraction_of_peak_cpu_time")
-        fracc = f"{100 * fc:5.1f}" if fc else "  n/a"
-        lines.append(f"{r['net']:11s} {r['mode']:5s} {r['batch']:5d}  {fmt(o)}  {fmt(t)}   {ratio}   "
-                     f"     {ratio_a}          {ratio_c}   {frac} {fracc}")
+        for impl in IMPLS:
+            s = r.get(f"{impl}_sample_steps_per_s")
+            if not s or not s["median"]:
+                continue
+            q = r.get(ratio_key.get(impl, ""))
+            ratio = f"{q['median']:6.2f}x" if q and q["median"] else ("    1x " if impl == "theirs" else "   n/a ")
+            gflops = s["max"] * r["flops_per_sample_step"] / 1e9
+            p32 = f"{100 * gflops / peak32:6.1f}" if peak32 else "   n/a"
+            p16 = f"{100 * gflops / peak16:6.1f}" if peak16 else "   n/a"
+            lines.append(f"{r['net']:11s} {r['mode']:5s} {r['batch']:5d}  {impl:16s} {s['median']:9.1f} "
+                         f"({s['max']:9.1f})  {ratio}   {p32}  {p16}")
+        q = r.get("ratio_bf16_over_theirs_autocast")
+        if q and q["median"]:
+            lines.append(f"{'':30s}ours_bf16 / theirs_autocast (paired median): {q['median']:.2f}x")
     return "\n".join(lines)
 
 
@@ -432,11 +468,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--nets", nargs="+", default=["dvsgesture", "nmnist", "small"], choices=sorted(H.NETWORKS))
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 72])
-    p.add_argument("--impls", nargs="+", default=["ours", "ours_autograd", "ours_compiled", "theirs"],
-                   choices=["ours", "ours_autograd", "ours_compiled", "theirs"],
-                   help="ours (threefactor, closed-form DECOLLE step: the default), ours_autograd "
-                        "(the same through autograd, rule.closed_form=false), ours_compiled (the "
-                        "closed form with rule.compile=true), theirs (decolle==0.2)")
+    p.add_argument("--impls", nargs="+", default=["ours", "ours_bf16", "ours_autograd", "ours_compiled", "theirs"],
+                   choices=list(IMPLS),
+                   help="ours (threefactor, closed-form DECOLLE step in fp32: the default), ours_bf16 "
+                        "(the same with train.precision bf16), ours_autograd (through autograd, "
+                        "rule.closed_form=false), ours_compiled (the closed form with rule.compile=true), "
+                        "theirs (decolle==0.2 as shipped), theirs_autocast (theirs under "
+                        "torch.autocast(cpu, bfloat16))")
     p.add_argument("--allocator", default="retain", choices=H.ALLOCATORS,
                    help="malloc policy of every measuring process, ours and theirs alike: retain "
                         "(as threefactor.run.from_config runs, allocator.retain_freed_memory) or default "
@@ -466,8 +504,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     print(table(data))
     pk = data["peak_gflops"]
-    print(f"peak (median / best): matmul {pk['peak_matmul']['median']:.1f} / {pk['peak_matmul']['max']:.1f} GFLOP/s, "
-          f"conv {pk['peak_conv']['median']:.1f} / {pk['peak_conv']['max']:.1f} GFLOP/s; "
+    def fmt(k: str) -> str:
+        p = pk.get(k)
+        return f"{p['median']:.1f} / {p['max']:.1f}" if p and p["median"] else "n/a"
+
+    print(f"peak GFLOP/s (median / best): fp32 matmul {fmt('peak_matmul')}, conv {fmt('peak_conv')}; "
+          f"bf16 matmul {fmt('peak_matmul_bf16')}, conv {fmt('peak_conv_bf16')}; "
           f"wrote {args.out / args.name}.json/.png")
     return data
 

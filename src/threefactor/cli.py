@@ -31,6 +31,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.precision is not None:
+        overrides.append(f"train.precision={args.precision}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return _run_training(args, cfg, out, resume=False)
@@ -44,7 +46,8 @@ def _resume(args: argparse.Namespace) -> int:
     from .run.from_config import RESUMABLE_CHANGES
 
     run = Path(args.resume)
-    given = [flag for flag, value in (("--config", args.config), ("--seed", args.seed)) if value]
+    given = [flag for flag, value in (("--config", args.config), ("--seed", args.seed),
+                                      ("--precision", args.precision)) if value]
     if args.out is not None and Path(args.out).resolve() != run.resolve():
         given.append("--out")
     if given:
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<date-time>)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--seed", type=int, help="random seed of the run (network init, data order)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help="train.precision: fp32, bf16 (fp32 master weights) or auto (bf16 where native)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, with its own config.yaml")

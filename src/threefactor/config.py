@@ -186,6 +186,10 @@ class TrainConfig:
     # The run is stopped as diverged when a layer's loss or weight norm exceeds this many times
     # its running value (besides any NaN or Inf); 0 = stop on NaN and Inf only
     divergence_factor: float = 1000.0
+    # The synapses' products (conv, dense; forward and weight gradient) in fp32 or in bf16 with
+    # fp32 weights, gradients, optimiser state, traces and losses; auto: bf16 where the device
+    # computes it natively (AVX512-BF16/AMX CPU, CUDA capability >= 8.0), else fp32
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
 @dataclass

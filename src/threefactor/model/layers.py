@@ -201,7 +201,7 @@ class _FeedbackAlignedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (h,) = ctx.saved_tensors
-        return grad @ h, None, None
+        return grad.to(h.dtype) @ h, None, None  # grad is bf16 when the forward ran under autocast
 
 
 class LocalReadout(nn.Module):

@@ -4,7 +4,8 @@ Nothing is detached: the network runs with ``detach=False``, so gradients cross 
 steps (the burn-in steps included: they shape the state the later losses depend on). The loss
 is summed over every step after the burn-in (and over the layers of ``loss_layers``); one
 ``backward()`` and one optimiser step follow each sequence. The graph of the whole sequence
-is held until then, so memory grows linearly with the number of steps T.
+is held until then, so memory grows linearly with the number of steps T. ``precision="bf16"``
+runs the network's steps under ``torch.autocast`` (``model.precision``) with fp32 losses.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..model.precision import Precision, autocast, parameter_device, resolve_precision
 from .common import Loss, SequenceResult, SequenceTally, layer_losses, resolve_loss
 
 
@@ -34,6 +36,7 @@ class BPTTRule:
         reg2: float = 0.0,
         burn_in: int = 0,
         loss_layers: Literal["all", "last"] = "all",
+        precision: Precision = "fp32",
     ) -> None:
         if loss_layers not in ("all", "last"):
             raise ValueError(f"unknown loss_layers {loss_layers!r}; valid: all, last")
@@ -43,6 +46,7 @@ class BPTTRule:
         self.reg1, self.reg2 = reg1, reg2
         self.burn_in = burn_in
         self.loss_layers = loss_layers
+        self.precision = resolve_precision(precision, parameter_device(network))
 
     def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
         """Learn from one batch of sequences ``x`` (B, T, ...): one update for the whole sequence."""
@@ -51,7 +55,10 @@ class BPTTRule:
         total = None
         state = None
         for t in range(x.shape[1]):
-            out, state = net(x[:, t], state, detach=False)
+            with autocast(self.precision, x.device):
+                out, state = net(x[:, t], state, detach=False)
+            if self.precision != "fp32":  # losses and votes from fp32 readouts
+                out = out._replace(readouts=tuple(y.float() for y in out.readouts))
             tally.count_spikes(out.spikes)
             if t < self.burn_in:
                 continue

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from ..errors import LocalCostError
+from ..model.precision import autocast, resolve_precision
 
 LossName = Literal["smooth_l1", "mse", "cross_entropy"]
 LOSSES: tuple[str, ...] = ("smooth_l1", "mse", "cross_entropy")
@@ -191,17 +192,23 @@ class SequenceTally:
 
 @torch.no_grad()
 def predict_sequence(
-    network, x: Tensor, labels: Tensor | None = None, burn_in: int = 0, loss: Loss = "smooth_l1"
+    network, x: Tensor, labels: Tensor | None = None, burn_in: int = 0, loss: Loss = "smooth_l1",
+    precision: str = "fp32",
 ) -> SequenceResult:
     """Inference only: the votes of every layer, its firing rate and, with ``labels``, its mean
-    local loss (zeros without), without any autograd."""
+    local loss (zeros without), without any autograd. ``precision``: ``fp32``, ``bf16`` or
+    ``auto`` (``model.precision``); in bf16 the network's step runs under autocast and the
+    votes and losses come from its readouts in fp32."""
+    precision = resolve_precision(precision, x.device)
     tally = SequenceTally(network, x, burn_in)
     state = None
     for t in range(x.shape[1]):
-        out, state = network(x[:, t], state)
+        with autocast(precision, x.device):
+            out, state = network(x[:, t], state)
         tally.count_spikes(out.spikes)
         if t >= burn_in:
+            readouts = [y.float() for y in out.readouts]
             losses = None if labels is None else torch.stack(
-                [local_loss(y, labels, loss, layer=i) for i, y in enumerate(out.readouts)])
-            tally.count_step(out.readouts, losses)
+                [local_loss(y, labels, loss, layer=i) for i, y in enumerate(readouts)])
+            tally.count_step(readouts, losses)
     return tally.result()

@@ -5,6 +5,11 @@ detached every step, and each layer's loss depends only on its own readout. Summ
 losses before one ``backward()`` therefore gives each layer exactly the gradient of its own
 loss (Eq. 7: dW = -eta dL/dS sigma'(U) P), and one optimiser step follows every time step
 after the burn-in.
+
+``precision="bf16"`` computes the synapses' products in bfloat16 and keeps everything else in
+fp32 (``model.precision``): the closed form casts P and the weight for the synapse's forward
+and its weight gradient; the autograd path runs the network's step under ``torch.autocast``
+and forms the losses from fp32 readouts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor
 from ..model.layers import DecolleLayer, flat_in_memory_order, is_channels_last, keep_mask, unflatten_like
 from ..model.network import DecolleNetwork, NetworkState
 from ..model.neurons import DecolleState, input_trace_step
+from ..model.precision import Precision, autocast, compute_dtype, parameter_device, resolve_precision
 from ..model.surrogates import fires, surrogate_derivative
 from .common import (
     Loss, LocalCostError, SequenceResult, SequenceTally, check_local, layer_losses, local_loss, loss_grad,
@@ -49,11 +55,14 @@ class DecolleRule:
         closed_form: bool = True,
         compile: bool = False,
         target_per_step: bool = False,
+        precision: Precision = "fp32",
     ) -> None:
         """``loss``: a built-in name or a user cost ``cost(readout, target, layer_index) -> scalar``
         (its update then follows by autograd, within each layer and step). ``target_per_step``:
         the targets given to ``train_sequence`` have a time axis, (B, T, ...), and step t's cost
-        sees ``target[:, t]`` (e.g. a regression target that changes in time)."""
+        sees ``target[:, t]`` (e.g. a regression target that changes in time). ``precision``:
+        ``fp32``, ``bf16`` or ``auto`` (resolved for the network's device; ``self.precision`` says
+        which)."""
         self.network = network
         self.optimizer = optimizer
         self.loss = resolve_loss(loss)
@@ -64,6 +73,8 @@ class DecolleRule:
         self.compile = compile
         self.target_per_step = target_per_step
         self._compiled = None  # the compiled _closed_form_math; False once compiling failed
+        self.precision = resolve_precision(precision, parameter_device(network))
+        self.compute_dtype = compute_dtype(self.precision)
 
     def layer_losses(self, out, target: Tensor) -> Tensor:
         """The local loss of every layer at one step, stacked (L,), graph attached."""
@@ -82,7 +93,7 @@ class DecolleRule:
         target = F.one_hot(labels, tally.votes.shape[2]).to(x.dtype) if closed else None
         for t in range(x.shape[1]):
             if t < self.burn_in:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(self.precision, x.device):
                     out, state = net(x[:, t], state)
                 tally.count_spikes(out.spikes)
                 continue
@@ -91,7 +102,10 @@ class DecolleRule:
                 tally.count_spikes(spikes)
                 tally.count_step(readouts, losses)
                 continue
-            out, state = net(x[:, t], state)
+            with autocast(self.precision, x.device):
+                out, state = net(x[:, t], state)
+            if self.precision != "fp32":  # losses and votes from fp32 readouts
+                out = out._replace(readouts=tuple(y.float() for y in out.readouts))
             tally.count_spikes(out.spikes)
             target_t = labels[:, t] if self.target_per_step else labels
             if callable(self.loss) and t == self.burn_in:
@@ -179,9 +193,11 @@ class DecolleRule:
         max-pool to its winning positions, and dW, db from the same weight-gradient kernel
         autograd calls. No graph, no saved tensors, no input gradients.
         ``tests/test_closed_form.py`` checks that the weights follow the autograd path step for
-        step.
+        step. In bf16 only the synapse's forward and weight gradient take bf16 inputs (P, the
+        weight and bias, dL/dU), as autocast would give them; their results return to fp32.
         """
         net = self.network
+        low = None if self.compute_dtype == torch.float32 else self.compute_dtype
         new_state, readouts, losses, spikes, grads = [], [], [], [], []
         for i, (layer, readout) in enumerate(zip(net.layers, net.readouts)):
             params, syn = layer.params, layer.synapse
@@ -189,7 +205,11 @@ class DecolleRule:
             st = layer.initial_state(x) if state is None else state[i]
             p, q = input_trace_step(x, st.p, st.q, params)
             # as in decolle_step, operation for operation
-            u_syn = syn(p)
+            if low is None:
+                u_syn = syn(p)
+            else:
+                p_low, w_low = p.to(low), syn.weight.to(low)
+                u_syn = _synapse_forward(syn, p_low, w_low).float()
             r_before_pool = layer.pool is not None and params.refractory == "before_pool"
             if r_before_pool:
                 u_syn = torch.sub(u_syn, st.r, alpha=params.rho)
@@ -223,7 +243,9 @@ class DecolleRule:
             if layer.pool is not None:
                 grad_u = torch.ops.aten.max_pool2d_with_indices_backward(
                     grad_u, u_syn, [k, k], [k, k], [0, 0], [1, 1], False, where)
-            if isinstance(syn, torch.nn.Conv2d):
+            if low is not None:
+                gw, gb = _synapse_weight_grad(syn, grad_u, p_low, w_low)
+            elif isinstance(syn, torch.nn.Conv2d):
                 w = syn.weight
                 _, gw, gb = torch.ops.aten.convolution_backward(
                     grad_u, p, w, None if syn.bias is None else [w.shape[0]], syn.stride,
@@ -235,6 +257,31 @@ class DecolleRule:
             grads.append((gw, gb))
             x = s
         return new_state, readouts, losses, spikes, grads
+
+
+def _synapse_forward(syn: torch.nn.Linear | torch.nn.Conv2d, p: Tensor, w: Tensor) -> Tensor:
+    """The synapse's forward on ``p`` with the weight ``w`` (and its bias in ``w``'s dtype)."""
+    bias = None if syn.bias is None else syn.bias.to(w.dtype)
+    if isinstance(syn, torch.nn.Conv2d):
+        return F.conv2d(p, w, bias, syn.stride, syn.padding, syn.dilation, syn.groups)
+    return F.linear(p, w, bias)
+
+
+def _synapse_weight_grad(syn: torch.nn.Linear | torch.nn.Conv2d, grad_u: Tensor, p: Tensor,
+                         w: Tensor) -> tuple[Tensor, Tensor | None]:
+    """fp32 (dW, db) of the synapse for dL/dU ``grad_u`` (fp32) and input ``p`` with weight ``w``
+    in a lower precision: dW from the weight-gradient kernel in ``w``'s dtype (it accumulates in
+    fp32), db summed in fp32."""
+    g = grad_u.to(w.dtype)
+    if isinstance(syn, torch.nn.Conv2d):
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            g, p, w, None, syn.stride, syn.padding, syn.dilation, False, [0, 0], syn.groups,
+            [False, True, False])
+        dims = (0, 2, 3)
+    else:
+        gw = g.t() @ p
+        dims = (0,)
+    return gw.float(), None if syn.bias is None else grad_u.sum(dims)
 
 
 def _like_spikes(layer: DecolleLayer, r: Tensor) -> Tensor:

@@ -16,7 +16,9 @@ Only the two neuron-level traces are kept, never e_ij itself: the weight gradien
 
 i.e. the weight-gradient map of the synapse (matrix product for dense layers,
 ``torch.nn.grad.conv2d_weight`` for convolutions) applied to the traces, so memory does not
-depend on the number of steps T. Recurrent synapses (dense layers) have the layer's own spikes
+depend on the number of steps T. ``precision="bf16"`` runs the synapses' forward under
+``torch.autocast`` and both weight-gradient maps on bf16 copies of their inputs (fp32 results);
+the traces, learning signals and losses stay fp32 (``model.precision``). Recurrent synapses (dense layers) have the layer's own spikes
 of the previous step as input. The bias update is sum_b Psi(u) delta (``bias_update:
 psi_delta``, the authors' code), or that of a synapse from a constant input 1 with its own
 trace (``synapse``). Psi is also the spike's derivative through which a backpropagated learning
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from ..model.layers import LIFLayer
 from ..model.network import DecolleNetwork
 from ..model.neurons import LIFState, detach_lif_state
+from ..model.precision import Precision, autocast, compute_dtype, parameter_device, resolve_precision
 from ..model.surrogates import LIF_SURROGATES, LIFSurrogate
 from .common import Loss, SequenceResult, SequenceTally, local_loss, resolve_loss
 
@@ -86,13 +89,16 @@ def eligibility(
             + factors.alpha_post * post_prev[:, :, None] * x[:, None, :])
 
 
-def synapse_weight_grad(synapse: nn.Linear | nn.Conv2d, z: Tensor, g: Tensor) -> Tensor:
-    """sum_b g_b^T z_b through the synapse's weight map: d<g, W z>/dW without autograd."""
+def synapse_weight_grad(synapse: nn.Linear | nn.Conv2d, z: Tensor, g: Tensor,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    """sum_b g_b^T z_b through the synapse's weight map: d<g, W z>/dW without autograd, the
+    product computed on ``z`` and ``g`` in ``dtype`` and returned in fp32."""
+    z, g = z.to(dtype), g.to(dtype)
     if isinstance(synapse, nn.Linear):
-        return g.flatten(1).t() @ z.flatten(1)
+        return (g.flatten(1).t() @ z.flatten(1)).float()
     return torch.nn.grad.conv2d_weight(
         z, synapse.weight.shape, g, synapse.stride, synapse.padding, synapse.dilation, synapse.groups
-    )
+    ).float()
 
 
 def eligibility_grad(
@@ -103,10 +109,11 @@ def eligibility_grad(
     pre: Tensor,
     post_prev: Tensor,
     factors: STLLRFactors,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """sum_b delta_i[t] e_ij[t] for the weights of ``synapse``, without materialising e:
     a_pre (delta * Psi)^T @ trace_pre + a_post (delta * trace_post[t-1])^T @ x. Both terms go
-    through one weight-gradient call by stacking them along the batch."""
+    through one weight-gradient call (its product in ``dtype``) by stacking them along the batch."""
     zs, gs = [], []
     if factors.alpha_pre != 0:
         zs.append(pre)
@@ -118,7 +125,7 @@ def eligibility_grad(
         return torch.zeros_like(synapse.weight)
     z = zs[0] if len(zs) == 1 else torch.cat(zs)
     g = gs[0] if len(gs) == 1 else torch.cat(gs)
-    return synapse_weight_grad(synapse, z, g)
+    return synapse_weight_grad(synapse, z, g, dtype)
 
 
 # --- the rule ------------------------------------------------------------------------------
@@ -155,6 +162,7 @@ class STLLRRule:
         feedback_scale: float = 0.5,
         seed: int = 0,
         bias_update: BiasUpdate = "synapse",
+        precision: Precision = "fp32",
     ) -> None:
         for i, layer in enumerate(network.layers):
             # the rule reads the LIF layer's synapse, Psi and spikes before pooling (docs/rules.md)
@@ -183,6 +191,8 @@ class STLLRRule:
         self.seed = seed
         self.feedback: list[Tensor] | None = None  # DFA matrices, made on first use
         self.traces: list[Traces] | None = None  # the traces at the end of the last sequence
+        self.precision = resolve_precision(precision, parameter_device(network))
+        self.compute_dtype = compute_dtype(self.precision)
 
     # -- pieces of one step --
 
@@ -248,7 +258,8 @@ class STLLRRule:
         for t in range(steps):
             learn = t >= self.burn_in
             with torch.set_grad_enabled(learn):
-                inputs, outs, new_states = self._forward(x[:, t], states)
+                with autocast(self.precision, x.device):
+                    inputs, outs, new_states = self._forward(x[:, t], states)
                 tally.count_spikes([o.s for o in outs])
                 if learn:
                     losses, deltas = self._signal(outs, labels)
@@ -305,7 +316,7 @@ class STLLRRule:
     def _layer_grads(self, layer: LIFLayer, d, xin, psi, pre, post_prev, pre_bias, s_prev, pre_rec, grads):
         f = self.factors
         syn = layer.synapse
-        grads[syn.weight] = eligibility_grad(syn, d, xin, psi, pre, post_prev, f)
+        grads[syn.weight] = eligibility_grad(syn, d, xin, psi, pre, post_prev, f, self.compute_dtype)
         if syn.bias is not None:
             dims = [0] + list(range(2, d.dim()))
             if self.bias_update == "psi_delta":
@@ -315,5 +326,5 @@ class STLLRRule:
                                    + f.alpha_post * (d * post_prev).sum(dims))
         if layer.recurrent is not None:
             grads[layer.recurrent.weight] = eligibility_grad(
-                layer.recurrent, d, s_prev, psi, pre_rec, post_prev, f
+                layer.recurrent, d, s_prev, psi, pre_rec, post_prev, f, self.compute_dtype
             )

@@ -218,6 +218,7 @@ def _train_in(run_dir: RunDirectory, cfg: Config, out: Path, log, quiet, resume:
         quiet("init: LSUV, membrane (mean, var) per layer: " + ", ".join(f"({m:.2f}, {v:.2f})" for m, v in stats))
     optimizer = make_optimizer(cfg, network)
     rule = make_rule(cfg, network, optimizer)  # rule.name: decolle | stllr | bptt
+    quiet(f"precision: {rule.precision} (train.precision: {cfg.train.precision})")
     configured: list[Observer] = []
     if cfg.train.tensorboard:
         configured.append(TensorBoardObserver(out))

@@ -467,6 +467,7 @@ class _Run:
             "device": str(self.device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "precision": getattr(t.rule, "precision", "fp32"),  # the rule's, resolved (model.precision)
         }
         if info.enabled:
             summary["distributed"] = self.sync.stats()  # process 0's view of the synchronisation
