@@ -230,6 +230,7 @@ def _non_default() -> Config:
     cfg.optim.lr_decay_every, cfg.optim.lr_decay_factor = 2, 3.0
     cfg.train.epochs, cfg.train.progress = 0, False
     cfg.distributed.sync, cfg.distributed.average_every = "periodic", 10
+    cfg.stream.scenario, cfg.stream.steps, cfg.stream.passes = "domain_shift", None, 3
     return cfg
 
 

@@ -142,6 +142,14 @@ def test_a_killed_dataloader_run_resumes_to_the_same_weights(finished, tmp_path)
     assert summary["test_accuracy"] == finished[1]["test_accuracy"]
 
 
+def test_a_run_without_test_batches_reports_no_test_figures(tmp_path):
+    train, _ = _loaders(8)
+    summary = _trainer(tmp_path / "run", epochs=1).fit(train)
+    assert summary["test_accuracy"] is None and summary["last_layer_test_accuracy"] is None
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"train"}
+
+
 def test_a_run_built_in_python_is_refused_by_load_checkpoint_in_one_sentence(finished):
     with pytest.raises(RunError, match="this run was not built from a config .*load read_checkpoint"):
         load_checkpoint(finished[0])

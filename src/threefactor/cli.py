@@ -116,6 +116,39 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream(args: argparse.Namespace) -> int:
+    """`stream [--config] [--set ...] [--out] [--steps N] [--no-learn] | --resume RUN [--steps N]`."""
+    from .errors import RunError
+    from .stream.from_config import RESUMABLE_STREAM_CHANGES, stream
+
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"stream.steps={args.steps}")
+    if args.no_learn:
+        overrides.append("stream.learn=false")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.resume is not None:
+        run = Path(args.resume)
+        fixed = [a.partition("=")[0] for a in overrides if a.partition("=")[0] not in RESUMABLE_STREAM_CHANGES]
+        if args.config or fixed:
+            raise RunError(f"--resume continues the stream in {run} with its own config.yaml; only "
+                           f"{', '.join(RESUMABLE_STREAM_CHANGES)} may be changed (e.g. --steps to go on longer)")
+        if not (run / "config.yaml").is_file():
+            raise RunError(f"{run}: not a stream's run directory (no config.yaml there) to resume")
+        cfg, out = load_config(run / "config.yaml", overrides), run
+    else:
+        cfg = load_config(args.config or "stream", overrides)
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("stream-%Y%m%d-%H%M%S")
+    print(f"{'resuming stream' if args.resume else 'stream'} run directory: {out}")
+    args.run_dir = out
+    summary = stream(cfg, out, resume=args.resume is not None)
+    print(f"done: {summary['steps']} steps ({summary['stream_time_s']:.1f} s of stream time) in "
+          f"{summary['wall_time_s']:.0f} s, {summary['steps_per_s']:.0f} steps/s, "
+          f"{summary['realtime_factor']:.2f}x real time; results in {out}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     import json
 
@@ -201,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="the confusion-matrix PNG (default: RUN_DIR/plots/confusion.png)")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("stream", help="learn online from an endless event stream, evaluated prequentially")
+    p.add_argument("--config", help="a YAML file or a preset (default: stream)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set stream.scenario=domain_shift (repeatable)")
+    p.add_argument("--out", help="run directory (default: runs/stream-<date-time>)")
+    p.add_argument("--steps", type=int, help="1 ms steps in all (stream.steps)")
+    p.add_argument("--no-learn", action="store_true", help="inference only (stream.learn=false)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the stream in RUN_DIR from its last checkpoint")
+    p.set_defaults(func=_stream)
     p = sub.add_parser("predict", help="the class a run's network gives each of some recordings (no labels needed)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint.pt)")
     p.add_argument("files", metavar="FILE", nargs="+", help="event files (.aedat, .npy, .bin)")

@@ -147,6 +147,7 @@ class RuleConfig:
     reg2: float = 0.0  # lambda2 [0.1 - <U>]+: keeps each layer from going silent
     burn_in: int = 10  # steps without updates at the start of every sequence
     loss_layers: Literal["all", "last"] = "all"  # stllr, bptt: which layers' readouts form the loss
+    bptt_window: int | None = None  # bptt: truncated, one update per this many steps; null: per sequence
     error_trigger: ErrorTriggerConfig = field(default_factory=ErrorTriggerConfig)  # decolle only
     # decolle: gradients in closed form (Eq. 7) without autograd where the network allows it
     # (same updates, faster); false forces the autograd path
@@ -204,6 +205,37 @@ class DistributedConfig:
 
 
 @dataclass
+class StreamConfig:
+    """``threefactor stream``: online learning on an unbounded event stream (docs/stream.md)."""
+
+    # motion: the embedded generator without end; dataset: the recordings of data.* back to back;
+    # aedat4: the file stream.path; camera: a live camera (both through dv-processing)
+    source: Literal["motion", "dataset", "aedat4", "camera"] = "motion"
+    steps: int | None = 100_000  # 1 ms steps in all; null: until the source ends
+    window_steps: int = 1000  # steps per metrics row (running accuracy per window)
+    checkpoint_every_steps: int = 50_000
+    checkpoint_every_s: float = 600.0
+    learn: bool = True  # false: inference only
+    learn_until_segment: int | None = None  # learning stops at this segment (a frozen network)
+    min_ms: int = 60  # motion: segment lengths, drawn per segment
+    max_ms: int = 200
+    downsample: int = 2  # motion, aedat4, camera: frames summed over blocks (32 x 32 -> 16 x 16)
+    # what changes in a motion stream: class_incremental (two new classes every phase_segments
+    # segments), domain_shift (from shift_at_segment on, `shift`), sparse_labels (only
+    # label_fraction of the segments carry their label)
+    scenario: Literal["none", "class_incremental", "domain_shift", "sparse_labels"] = "none"
+    phase_segments: int = 200
+    shift: Literal["speed", "polarity"] = "speed"
+    shift_at_segment: int = 300
+    label_fraction: float = 0.1
+    passes: int | None = None  # dataset: passes over the recordings; null: forever
+    path: str | None = None  # aedat4: the file
+    labels: str | None = None  # aedat4, camera: a start_us,end_us,class listing
+    segment_ms: int = 100  # aedat4, camera: longest segment (cut earlier where the label changes)
+    plot_every: int = 10  # windows between redraws of RUN_DIR/plots/stream.png
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: str = "auto"
@@ -213,6 +245,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 # --- loading and validation ------------------------------------------------------------
@@ -408,6 +441,28 @@ def check(cfg: Config, source: str = "config") -> None:
             f"loss or weight norm may reach), or 0 to stop on NaN and Inf only, got {cfg.train.divergence_factor}")
     _check_data(cfg, source)
     _check_rule_choice(cfg, source)
+    _check_stream(cfg, source)
+    if cfg.rule.bptt_window is not None and cfg.rule.bptt_window < 1:
+        raise ConfigError(f"{source}: 'rule.bptt_window' must be >= 1 or null, got {cfg.rule.bptt_window}")
+
+
+def _check_stream(cfg: Config, source: str) -> None:
+    s = cfg.stream
+    for key in ("window_steps", "min_ms", "downsample", "phase_segments", "segment_ms", "plot_every"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{source}: 'stream.{key}' must be >= 1, got {getattr(s, key)}")
+    if s.max_ms < s.min_ms:
+        raise ConfigError(f"{source}: 'stream.max_ms' ({s.max_ms}) must be >= 'stream.min_ms' ({s.min_ms})")
+    for key in ("steps", "passes", "learn_until_segment"):
+        value = getattr(s, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{source}: 'stream.{key}' must be >= 0 or null, got {value}")
+    if s.checkpoint_every_steps < 0 or s.checkpoint_every_s < 0:
+        raise ConfigError(f"{source}: 'stream.checkpoint_every_steps' and 'stream.checkpoint_every_s' must be >= 0")
+    if not 0 < s.label_fraction <= 1:
+        raise ConfigError(f"{source}: 'stream.label_fraction' must be in (0, 1], got {s.label_fraction}")
+    if s.source == "aedat4" and not s.path:
+        raise ConfigError(f"{source}: stream.source 'aedat4' needs 'stream.path', the AEDAT4 file")
 
 
 def _check_data(cfg: Config, source: str) -> None:

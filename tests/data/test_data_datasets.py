@@ -169,7 +169,7 @@ def test_event_folder_unlabelled_file_is_a_clear_error(tmp_path):
 
 def test_saccade_path_is_a_closed_triangle():
     times, pos = saccade_path(SaccadeSpec())
-    assert times[0] == 0 and times[-1] == 300_000
+    assert times[0] == 0 and times[-1] == SaccadeSpec().duration_us
     np.testing.assert_allclose(pos[0], pos[-1])
     assert pos.min() >= 0 and pos.max() <= 6  # the 28-pixel digit stays on the 34-pixel sensor
 
@@ -181,7 +181,7 @@ def test_simulated_saccades_look_like_nmnist():
     for ev in evs:
         assert_valid_events(ev)
         assert ev["x"].max() <= 33 and ev["y"].max() <= 33
-        assert np.all(np.diff(ev["t"]) >= 0) and ev["t"].max() < 300_000
+        assert np.all(np.diff(ev["t"]) >= 0) and ev["t"].max() < SaccadeSpec().duration_us
         assert set(np.unique(ev["p"])) == {0, 1}
         # Events in each of the three saccades.
         assert all(((ev["t"] >= k * 100_000) & (ev["t"] < (k + 1) * 100_000)).sum() > 50 for k in range(3))

@@ -43,7 +43,7 @@ def make_rule(cfg, network, optimizer):
         )
     if r.name == "bptt":
         return BPTTRule(network, optimizer, r.loss, r.reg1, r.reg2, r.burn_in, r.loss_layers,
-                        precision=cfg.train.precision)
+                        precision=cfg.train.precision, window=r.bptt_window)
     raise ValueError(f"unknown rule {r.name!r}; valid: {', '.join(RULES)}")
 
 

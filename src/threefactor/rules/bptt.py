@@ -37,9 +37,15 @@ class BPTTRule:
         burn_in: int = 0,
         loss_layers: Literal["all", "last"] = "all",
         precision: Precision = "fp32",
+        window: int | None = None,
     ) -> None:
+        """``window``: truncated BPTT, one update per ``window`` steps, backpropagating within
+        the window only (the state is carried over, detached); None: one update per sequence."""
         if loss_layers not in ("all", "last"):
             raise ValueError(f"unknown loss_layers {loss_layers!r}; valid: all, last")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
+        self.window = window
         self.network = network
         self.optimizer = optimizer
         self.loss = resolve_loss(loss)
@@ -48,26 +54,37 @@ class BPTTRule:
         self.loss_layers = loss_layers
         self.precision = resolve_precision(precision, parameter_device(network))
 
-    def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
-        """Learn from one batch of sequences ``x`` (B, T, ...): one update for the whole sequence."""
+    def train_sequence(self, x: Tensor, labels: Tensor, state: tuple | None = None) -> SequenceResult:
+        """Learn from one batch of sequences ``x`` (B, T, ...): one update for the whole sequence,
+        or one per ``window`` steps. ``state``: continue from the (detached) network state a
+        previous call ended in, with no burn-in."""
         net = self.network
-        tally = SequenceTally(net, x, self.burn_in)
+        burn_in = self.burn_in if state is None else 0
+        tally = SequenceTally(net, x, burn_in)
         total = None
-        state = None
+        updates = 0
         for t in range(x.shape[1]):
             with autocast(self.precision, x.device):
                 out, state = net(x[:, t], state, detach=False)
             if self.precision != "fp32":  # losses and votes from fp32 readouts
                 out = out._replace(readouts=tuple(y.float() for y in out.readouts))
             tally.count_spikes(out.spikes)
-            if t < self.burn_in:
+            if t < burn_in:
                 continue
             losses = layer_losses(out, labels, self.loss, self.reg1, self.reg2)
             step_loss = losses.sum() if self.loss_layers == "all" else losses[-1]
             total = step_loss if total is None else total + step_loss
             tally.count_step(out.readouts, losses)
+            if self.window is not None and (t - burn_in + 1) % self.window == 0:
+                self._update(total)
+                total, updates = None, updates + 1
+                state = tuple(type(s)(*(v.detach() for v in s)) for s in state)  # truncated here
         if total is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-        return tally.result({"optimizer_steps": int(total is not None)})
+            self._update(total)
+            updates += 1
+        return tally.result({"optimizer_steps": updates}, state)
+
+    def _update(self, total: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()

@@ -30,6 +30,9 @@ class SequenceResult(NamedTuple):
     loss: Tensor  # (L,): per layer, mean local loss over the steps after burn-in
     rates: Tensor  # (L,) float64: per layer, spikes per neuron per step over every step (burn-in too)
     stats: dict | None = None  # rule-specific numbers (e.g. the fraction of triggered updates)
+    # the network's state after the last step, detached: pass it as ``state`` to continue the
+    # sequence (a stream) where this batch ended
+    state: tuple | None = None
 
 
 class Rule(Protocol):
@@ -183,25 +186,28 @@ class SequenceTally:
             self.loss_sum += losses.detach()
         self.learn_steps += 1
 
-    def result(self, stats: dict | None = None) -> SequenceResult:
-        """Votes, mean losses over the steps after the burn-in, and mean firing rates."""
+    def result(self, stats: dict | None = None, state: tuple | None = None) -> SequenceResult:
+        """Votes, mean losses over the steps after the burn-in, mean firing rates, and the
+        network's last ``state`` (detached)."""
         per_step = torch.tensor(self.outputs, dtype=torch.float64) * max(self.steps, 1)
+        if state is not None:
+            state = tuple(type(s)(*(v.detach() for v in s)) for s in state)
         return SequenceResult(self.votes, self.loss_sum / max(self.learn_steps, 1),
-                              self.spike_sum / per_step.to(self.spike_sum.device), stats)
+                              self.spike_sum / per_step.to(self.spike_sum.device), stats, state)
 
 
 @torch.no_grad()
 def predict_sequence(
     network, x: Tensor, labels: Tensor | None = None, burn_in: int = 0, loss: Loss = "smooth_l1",
-    precision: str = "fp32",
+    precision: str = "fp32", state: tuple | None = None,
 ) -> SequenceResult:
     """Inference only: the votes of every layer, its firing rate and, with ``labels``, its mean
     local loss (zeros without), without any autograd. ``precision``: ``fp32``, ``bf16`` or
     ``auto`` (``model.precision``); in bf16 the network's step runs under autocast and the
-    votes and losses come from its readouts in fp32."""
+    votes and losses come from its readouts in fp32. ``state``: continue from a network state
+    (a ``SequenceResult.state``) instead of the resting one."""
     precision = resolve_precision(precision, x.device)
     tally = SequenceTally(network, x, burn_in)
-    state = None
     for t in range(x.shape[1]):
         with autocast(precision, x.device):
             out, state = network(x[:, t], state)
@@ -211,4 +217,4 @@ def predict_sequence(
             losses = None if labels is None else torch.stack(
                 [local_loss(y, labels, loss, layer=i) for i, y in enumerate(readouts)])
             tally.count_step(readouts, losses)
-    return tally.result()
+    return tally.result(state=state)

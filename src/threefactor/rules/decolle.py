@@ -80,19 +80,21 @@ class DecolleRule:
         """The local loss of every layer at one step, stacked (L,), graph attached."""
         return layer_losses(out, target, self.loss, self.reg1, self.reg2)
 
-    def train_sequence(self, x: Tensor, labels: Tensor) -> SequenceResult:
+    def train_sequence(self, x: Tensor, labels: Tensor, state: tuple | None = None) -> SequenceResult:
         """Learn from one batch of sequences ``x`` (B, T, ...) with targets ``labels``: class
-        indices (B,), or whatever the loss takes ((B, T, ...) with ``target_per_step``)."""
+        indices (B,), or whatever the loss takes ((B, T, ...) with ``target_per_step``).
+        ``state``: continue from the network state a previous call ended in (its
+        ``SequenceResult.state``: a stream), with no burn-in; None starts from rest."""
         net = self.network
-        tally = SequenceTally(net, x, self.burn_in)
+        burn_in = self.burn_in if state is None else 0
+        tally = SequenceTally(net, x, burn_in)
         trigger = self.error_trigger
         if trigger is not None:
             trigger.start_sequence(len(net.layers))
-        state = None
         closed = self.uses_closed_form()
         target = F.one_hot(labels, tally.votes.shape[2]).to(x.dtype) if closed else None
         for t in range(x.shape[1]):
-            if t < self.burn_in:
+            if t < burn_in:
                 with torch.no_grad(), autocast(self.precision, x.device):
                     out, state = net(x[:, t], state)
                 tally.count_spikes(out.spikes)
@@ -108,7 +110,7 @@ class DecolleRule:
                 out = out._replace(readouts=tuple(y.float() for y in out.readouts))
             tally.count_spikes(out.spikes)
             target_t = labels[:, t] if self.target_per_step else labels
-            if callable(self.loss) and t == self.burn_in:
+            if callable(self.loss) and t == burn_in:
                 check_local(out, target_t, self.loss, net)  # once per sequence: a user cost stays in its layer
             losses = self.layer_losses(out, target_t)
             self.optimizer.zero_grad(set_to_none=True)
@@ -126,7 +128,7 @@ class DecolleRule:
                 trigger.end_step(net)
             self.optimizer.step()
             tally.count_step(out.readouts, losses)
-        return tally.result(trigger.stats() if trigger is not None else None)
+        return tally.result(trigger.stats() if trigger is not None else None, state)
 
     def uses_closed_form(self) -> bool:
         """Whether ``train_sequence`` takes the closed-form step: asked for (``closed_form``), plain
@@ -209,7 +211,7 @@ class DecolleRule:
                 u_syn = syn(p)
             else:
                 p_low, w_low = p.to(low), syn.weight.to(low)
-                u_syn = _synapse_forward(syn, p_low, w_low).float()
+                u_syn = _synapse_forward(syn, p_low, w_low).to(p.dtype)
             r_before_pool = layer.pool is not None and params.refractory == "before_pool"
             if r_before_pool:
                 u_syn = torch.sub(u_syn, st.r, alpha=params.rho)
@@ -269,9 +271,9 @@ def _synapse_forward(syn: torch.nn.Linear | torch.nn.Conv2d, p: Tensor, w: Tenso
 
 def _synapse_weight_grad(syn: torch.nn.Linear | torch.nn.Conv2d, grad_u: Tensor, p: Tensor,
                          w: Tensor) -> tuple[Tensor, Tensor | None]:
-    """fp32 (dW, db) of the synapse for dL/dU ``grad_u`` (fp32) and input ``p`` with weight ``w``
-    in a lower precision: dW from the weight-gradient kernel in ``w``'s dtype (it accumulates in
-    fp32), db summed in fp32."""
+    """(dW, db) of the synapse, in its weights' dtype, for dL/dU ``grad_u`` and input ``p`` with
+    weight ``w`` in a lower precision: dW from the weight-gradient kernel in ``w``'s dtype (it
+    accumulates in fp32), db summed in ``grad_u``'s dtype."""
     g = grad_u.to(w.dtype)
     if isinstance(syn, torch.nn.Conv2d):
         _, gw, _ = torch.ops.aten.convolution_backward(
@@ -281,7 +283,7 @@ def _synapse_weight_grad(syn: torch.nn.Linear | torch.nn.Conv2d, grad_u: Tensor,
     else:
         gw = g.t() @ p
         dims = (0,)
-    return gw.float(), None if syn.bias is None else grad_u.sum(dims)
+    return gw.to(syn.weight.dtype), None if syn.bias is None else grad_u.sum(dims)
 
 
 def _like_spikes(layer: DecolleLayer, r: Tensor) -> Tensor:

@@ -90,15 +90,17 @@ def eligibility(
 
 
 def synapse_weight_grad(synapse: nn.Linear | nn.Conv2d, z: Tensor, g: Tensor,
-                        dtype: torch.dtype = torch.float32) -> Tensor:
-    """sum_b g_b^T z_b through the synapse's weight map: d<g, W z>/dW without autograd, the
-    product computed on ``z`` and ``g`` in ``dtype`` and returned in fp32."""
-    z, g = z.to(dtype), g.to(dtype)
+                        dtype: torch.dtype | None = None) -> Tensor:
+    """sum_b g_b^T z_b through the synapse's weight map: d<g, W z>/dW without autograd; with
+    ``dtype`` (e.g. bf16) the product takes ``z`` and ``g`` in it and the result comes back in
+    the weight's dtype."""
+    if dtype is not None:
+        return synapse_weight_grad(synapse, z.to(dtype), g.to(dtype)).to(synapse.weight.dtype)
     if isinstance(synapse, nn.Linear):
-        return (g.flatten(1).t() @ z.flatten(1)).float()
+        return g.flatten(1).t() @ z.flatten(1)
     return torch.nn.grad.conv2d_weight(
         z, synapse.weight.shape, g, synapse.stride, synapse.padding, synapse.dilation, synapse.groups
-    ).float()
+    )
 
 
 def eligibility_grad(
@@ -109,7 +111,7 @@ def eligibility_grad(
     pre: Tensor,
     post_prev: Tensor,
     factors: STLLRFactors,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """sum_b delta_i[t] e_ij[t] for the weights of ``synapse``, without materialising e:
     a_pre (delta * Psi)^T @ trace_pre + a_post (delta * trace_post[t-1])^T @ x. Both terms go
@@ -193,6 +195,7 @@ class STLLRRule:
         self.traces: list[Traces] | None = None  # the traces at the end of the last sequence
         self.precision = resolve_precision(precision, parameter_device(network))
         self.compute_dtype = compute_dtype(self.precision)
+        self._product_dtype = None if self.precision == "fp32" else self.compute_dtype  # None: as the weights
 
     # -- pieces of one step --
 
@@ -316,7 +319,7 @@ class STLLRRule:
     def _layer_grads(self, layer: LIFLayer, d, xin, psi, pre, post_prev, pre_bias, s_prev, pre_rec, grads):
         f = self.factors
         syn = layer.synapse
-        grads[syn.weight] = eligibility_grad(syn, d, xin, psi, pre, post_prev, f, self.compute_dtype)
+        grads[syn.weight] = eligibility_grad(syn, d, xin, psi, pre, post_prev, f, self._product_dtype)
         if syn.bias is not None:
             dims = [0] + list(range(2, d.dim()))
             if self.bias_update == "psi_delta":
@@ -326,5 +329,5 @@ class STLLRRule:
                                    + f.alpha_post * (d * post_prev).sum(dims))
         if layer.recurrent is not None:
             grads[layer.recurrent.weight] = eligibility_grad(
-                layer.recurrent, d, s_prev, psi, pre_rec, post_prev, f, self.compute_dtype
+                layer.recurrent, d, s_prev, psi, pre_rec, post_prev, f, self._product_dtype
             )

@@ -116,9 +116,10 @@ class RunDirectory:
         return cls(Path("."), io.BytesIO(), None, fresh=True, created=[], made_dir=False)
 
     @classmethod
-    def open(cls, path: Path, config_text: str, resume: bool) -> "RunDirectory":
+    def open(cls, path: Path, config_text: str, resume: bool, metrics_name: str = METRICS_NAME) -> "RunDirectory":
         """Lock ``path`` and check it: a new run must not overwrite a run (a checkpoint, or
-        metrics rows), ``resume`` needs one; a new run's ``config.yaml`` is written here."""
+        metrics rows), ``resume`` needs one; a new run's ``config.yaml`` is written here.
+        ``metrics_name``: the file of metrics rows (a stream writes ``stream.jsonl``)."""
         path = Path(path)
         if resume and not (path / CONFIG_NAME).is_file() and not (path / CHECKPOINT_NAME).exists():
             raise RunDirectoryError(f"{path}: nothing to resume, there is no run (config.yaml, "
@@ -137,7 +138,7 @@ class RunDirectory:
             raise
         try:
             _remove_stale_temporaries(path)
-            checkpoint, metrics = path / CHECKPOINT_NAME, path / METRICS_NAME
+            checkpoint, metrics = path / CHECKPOINT_NAME, path / metrics_name
             has_rows = metrics.is_file() and metrics.stat().st_size > 0
             if resume and checkpoint.exists():
                 _probe_writable(path)
@@ -152,7 +153,7 @@ class RunDirectory:
                     "or choose another --out")
             if has_rows:
                 raise RunDirectoryError(
-                    f"{path} holds metrics rows ({METRICS_NAME}) but no {CHECKPOINT_NAME}, so its run "
+                    f"{path} holds metrics rows ({metrics_name}) but no {CHECKPOINT_NAME}, so its run "
                     "can be neither continued nor overwritten safely; choose another --out")
             # A new run, or one that never reached its first checkpoint (then nothing of it is
             # lost by starting it again; --resume keeps the config.yaml it was started with).

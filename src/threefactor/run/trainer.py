@@ -455,10 +455,11 @@ class _Run:
             self.test_eval(0)
             self.checkpoint()
         self.sync.consensus()
+        tested = self.test_batches is not None  # without test batches there are no test figures
         summary = {
-            "test_accuracy": {f"layer{i + 1}": a for i, a in enumerate(st.test_accuracy)},
-            "test_loss": {f"layer{i + 1}": l for i, l in enumerate(st.test_loss)},
-            "last_layer_test_accuracy": st.test_accuracy[-1],
+            "test_accuracy": {f"layer{i + 1}": a for i, a in enumerate(st.test_accuracy)} if tested else None,
+            "test_loss": {f"layer{i + 1}": l for i, l in enumerate(st.test_loss)} if tested else None,
+            "last_layer_test_accuracy": st.test_accuracy[-1] if tested else None,
             "epochs": t.epochs,
             "batches": st.batches_total,
             "samples_seen": st.samples,

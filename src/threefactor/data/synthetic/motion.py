@@ -108,19 +108,26 @@ def make_motion_dataset(
     rng = np.random.default_rng(seed)
     labels = torch.arange(n) % len(MOTION_CLASSES)
     labels = labels[torch.randperm(n, generator=gen)]
-    times_us = np.arange(spec.timesteps * _SUBSTEPS + 1) * (1000.0 / _SUBSTEPS)
     events: list[np.ndarray] = []
     for start in range(0, n, chunk):
-        lab = labels[start:start + chunk]
-        tex = _textures(len(lab), gen, spec)
-        grid = _sampling_grid(lab, gen, spec)
-        m, f = grid.shape[:2]
-        video = F.grid_sample(
-            tex, grid.reshape(m, f * 32, 32, 2), mode="bilinear", padding_mode="reflection",
-            align_corners=False,
-        ).reshape(m, f, 32, 32)
-        events.extend(video_to_events(video.numpy(), times_us, spec.pixel, rng))
+        events.extend(render_motion(labels[start:start + chunk], gen, rng, spec))
+    return events, labels.numpy()
+
+
+def render_motion(labels: torch.Tensor, gen: torch.Generator, rng: np.random.Generator,
+                  spec: MotionSpec = MotionSpec()) -> list[np.ndarray]:
+    """One recording of ``spec.timesteps`` ms per class index in ``labels``, each with a fresh
+    texture, drawn from ``gen`` (textures, motions) and ``rng`` (the pixels)."""
+    times_us = np.arange(spec.timesteps * _SUBSTEPS + 1) * (1000.0 / _SUBSTEPS)
+    tex = _textures(len(labels), gen, spec)
+    grid = _sampling_grid(labels, gen, spec)
+    m, f = grid.shape[:2]
+    video = F.grid_sample(
+        tex, grid.reshape(m, f * 32, 32, 2), mode="bilinear", padding_mode="reflection",
+        align_corners=False,
+    ).reshape(m, f, 32, 32)
+    events = video_to_events(video.numpy(), times_us, spec.pixel, rng)
     for ev in events:
         # A crossing exactly at the last frame would fall into bin `timesteps`; keep it inside.
         np.minimum(ev["t"], spec.timesteps * 1000 - 1, out=ev["t"])
-    return events, labels.numpy()
+    return events

@@ -5,7 +5,11 @@ current log intensity is ``k`` thresholds above (below) the reference, it emits 
 (OFF) events and moves the reference by ``k`` thresholds. Event times are interpolated
 linearly between frames, so a finely sampled video gives sub-frame timestamps, as a real
 DVS would. Thresholds vary from pixel to pixel (fixed-pattern mismatch) and background
-activity adds Poisson noise events.
+activity adds Poisson noise events. A real pixel's last event happened before the recording
+began, so its reference can sit anywhere within a threshold of the first frame
+(``reference_spread``); starting every reference exactly at the first frame instead delays the
+first events of a slow start and makes a video that returns exactly to its first frame (a
+closed path) leave its pixels exactly on a threshold, where rounding fires a burst.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class PixelModel:
     threshold: float = 0.2  # contrast threshold, in log-intensity units
     threshold_mismatch: float = 0.02  # std of the per-pixel threshold
     noise_rate_hz: float = 0.0  # background events per pixel per second (both polarities)
+    reference_spread: float = 0.0  # initial reference: first frame + U(-1, 1) x this x the pixel's threshold
 
 
 def video_to_events(
@@ -48,6 +53,8 @@ def video_to_events(
     thr = model.threshold + model.threshold_mismatch * rng.standard_normal((n, h, w))
     thr = np.maximum(thr, 0.2 * model.threshold).astype(np.float32)  # a pixel never gets a (near-)zero threshold
     ref = log_frames[:, 0].copy()
+    if model.reference_spread > 0:  # no draw otherwise: recordings made without it stay the same
+        ref += (rng.uniform(-1.0, 1.0, ref.shape) * model.reference_spread * thr).astype(np.float32)
     chunks: list[tuple[np.ndarray, ...]] = []
     for i in range(1, f):
         prev, cur = log_frames[:, i - 1], log_frames[:, i]

@@ -8,9 +8,10 @@ triangle (bilinear sampling, done as two small matrix products since the motion 
 translation), turned into log intensity above a monitor's black level, and handed to
 ``pixel_model.video_to_events`` -- the same pixel model as the embedded dataset.
 
-The triangle below was read off the real recordings in ``shared/data/nmnist-small``: the
-event centroid moves down (and a little right) in the first saccade, up-right in the second
-and left in the third, with the event rate peaking mid-saccade (a smooth start and stop).
+The triangle and its timing below were read off the real recordings in ``shared/data/nmnist-small``:
+the event centroid moves down (and a little right) in the first saccade, up-right in the second
+and left in the third, with the event rate peaking mid-saccade (a smooth start and stop); each
+saccade moves for about 80 ms and the sensor rests in between (docs/sim2real.md).
 """
 
 from __future__ import annotations
@@ -27,34 +28,51 @@ from .pixel_model import PixelModel, video_to_events
 @dataclass(frozen=True)
 class SaccadeSpec:
     """How a simulated N-MNIST recording is made; positions are the digit's top-left corner (x, y)
-    on the sensor, in pixels, at the ends of the saccades (the first vertex is also the start)."""
+    on the sensor, in pixels, at the ends of the saccades (the first vertex is also the start).
+
+    Saccade ``k`` starts at ``onsets_us[k]``, moves for ``move_us`` and then rests until the next
+    one; the recording lasts ``duration_us``. The defaults are calibrated against the real
+    recordings (docs/sim2real.md, ``python -m benchmarks.calibrate_nmnist``).
+    """
 
     sensor: int = 34
     vertices: tuple[tuple[float, float], ...] = ((0.5, 1.5), (2.5, 6.0), (5.5, 1.5))
-    saccade_us: float = 100_000.0
+    onsets_us: tuple[float, ...] = (8_000.0, 108_000.0, 220_000.0)
+    move_us: float = 78_000.0
+    duration_us: float = 306_000.0
     frame_us: float = 1_000.0  # video sampling; the pixel model interpolates event times within it
-    blur_px: float = 0.7  # Gaussian blur of the optics, in sensor pixels
+    blur_px: float = 0.5  # Gaussian blur of the optics, in sensor pixels
     black_level: float = 0.1  # the monitor's black, relative to its white
     jitter_px: float = 0.25  # per-recording random shift of the whole path (mounting, timing)
-    pixel: PixelModel = PixelModel(threshold=0.3, threshold_mismatch=0.03, noise_rate_hz=0.2)
+    contrast_jitter: float = 0.18  # per-recording log-normal spread of the contrast (monitor, sensor bias)
+    pixel: PixelModel = PixelModel(threshold=0.34, threshold_mismatch=0.03, noise_rate_hz=0.2,
+                                   reference_spread=1.0)
 
-    @property
-    def duration_us(self) -> float:
-        return self.saccade_us * len(self.vertices)
+    def __post_init__(self) -> None:
+        if len(self.onsets_us) != len(self.vertices):
+            raise ValueError(f"SaccadeSpec has {len(self.vertices)} vertices but {len(self.onsets_us)} onsets_us: "
+                             "one saccade leaves each vertex")
+        ends = [t + self.move_us for t in self.onsets_us]
+        if self.move_us <= 0 or self.onsets_us[0] < 0 or any(
+                end > nxt for end, nxt in zip(ends, [*self.onsets_us[1:], self.duration_us])):
+            raise ValueError(f"SaccadeSpec's saccades (onsets_us {self.onsets_us}, move_us {self.move_us}) must "
+                             f"follow one another without overlapping, within duration_us {self.duration_us}")
 
 
 def saccade_path(spec: SaccadeSpec = SaccadeSpec()) -> tuple[np.ndarray, np.ndarray]:
     """Frame times (F,) in us and the digit's top-left position (F, 2) along the closed triangle.
 
     Within a saccade the position follows (1 - cos(pi u)) / 2 of the way, u in [0, 1], so the
-    speed is zero at the corners and highest mid-saccade, like the pan-tilt unit's moves.
+    speed is zero at the corners and highest mid-saccade, like the pan-tilt unit's moves;
+    between saccades (and before the first) it rests on a vertex.
     """
     n_frames = int(round(spec.duration_us / spec.frame_us)) + 1
     times = np.arange(n_frames) * spec.frame_us
     verts = np.asarray(spec.vertices, dtype=np.float64)
-    k = np.minimum((times // spec.saccade_us).astype(int), len(verts) - 1)
-    u = (times - k * spec.saccade_us) / spec.saccade_us
-    s = (1 - np.cos(np.pi * np.clip(u, 0, 1))) / 2
+    onsets = np.asarray(spec.onsets_us, dtype=np.float64)
+    k = np.maximum(np.searchsorted(onsets, times, side="right") - 1, 0)  # the saccade under way or last made
+    u = np.clip((times - onsets[k]) / spec.move_us, 0, 1)
+    s = (1 - np.cos(np.pi * u)) / 2
     start, end = verts[k], verts[(k + 1) % len(verts)]
     return times, start + (end - start) * s[:, None]
 
@@ -101,6 +119,8 @@ def simulate_saccades(
     video = wy @ img @ wx.transpose(-1, -2)  # (n, F, S, S)
     video = video.clamp_(0, 1)
     log_video = torch.log(spec.black_level + (1 - spec.black_level) * video).numpy()
+    if spec.contrast_jitter > 0:
+        log_video *= np.exp(rng.normal(0.0, spec.contrast_jitter, size=(n, 1, 1, 1))).astype(np.float32)
     events = video_to_events(log_video, times, spec.pixel, rng)
     last = int(spec.duration_us) - 1
     for ev in events:

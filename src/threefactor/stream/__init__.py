@@ -1,0 +1,1 @@
+"""Learning that never stops: online learning on unbounded event streams."""
