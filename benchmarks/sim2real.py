@@ -161,11 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
         out = Path(args.out) / f"{args.name}.json"
         out.write_text(json.dumps(result, indent=1) + "\n")
 
-    if "real" in args.runs:
-        started = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        network = new_network(cfg, real_train.frames[:64], n_classes)
-        record("real", fit(cfg, network, real_batches, test_batches, runs_dir / "real", real_epochs, meta), started)
     if "sim" in args.runs or "sim_real" in args.runs:
         sim_cfg = simulated_config(cfg, args.n_sim, args.mnist)
         started = time.perf_counter()
@@ -191,6 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
             cfg, optim=dataclasses.replace(cfg.optim, lr=args.finetune_lr))
         record("sim_real", fit(tune_cfg, network, real_batches, test_batches, runs_dir / "sim_real", real_epochs, meta),
                started, started_from=str(runs_dir / "sim" / "checkpoint.pt"))
+    if "real" in args.runs:
+        started = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        network = new_network(cfg, real_train.frames[:64], n_classes)
+        record("real", fit(cfg, network, real_batches, test_batches, runs_dir / "real", real_epochs, meta), started)
     result["total_s"] = time.perf_counter() - t0
     (Path(args.out) / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -489,3 +489,35 @@ def test_memory_probe_detects_a_graph_kept_across_steps():
             losses.sum().backward(retain_graph=True)
     assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
     assert live[-1] > live[0]
+
+
+def test_truncated_bptt_updates_once_per_window_and_carries_the_state():
+    """window = T is plain BPTT; window = w takes ceil((T - burn-in) / w) optimiser steps, and a
+    sequence continued from a returned state is the same as the whole one at once when no
+    update happens in between (lr 0)."""
+    from threefactor import BPTTRule
+    from threefactor.config import load_config
+
+    cfg = load_config(None, ["network.layers.0.channels=4", "network.layers.1.channels=4",
+                             "network.layers.2.channels=4", "network.dropout=0"])
+    x = (torch.rand(2, 14, 2, 32, 32) < 0.1).float()
+    y = torch.tensor([1, 3])
+
+    def rule(window, lr=1e-3):
+        torch.manual_seed(0)
+        net = build_network(cfg.network, (2, 32, 32), 8, seed=0)
+        return BPTTRule(net, torch.optim.SGD(net.parameters(), lr=lr), burn_in=2, window=window)
+
+    whole, windowed = rule(None), rule(12)
+    a, b = whole.train_sequence(x, y), windowed.train_sequence(x, y)
+    assert a.stats["optimizer_steps"] == b.stats["optimizer_steps"] == 1
+    for p, q in zip(whole.network.parameters(), windowed.network.parameters()):
+        assert torch.allclose(p, q, atol=1e-7)
+    assert rule(5).train_sequence(x, y).stats["optimizer_steps"] == 3  # 12 steps after the burn-in
+    frozen = rule(None, lr=0.0)
+    first = frozen.train_sequence(x[:, :6], y)
+    second = frozen.train_sequence(x[:, 6:], y, state=first.state)
+    at_once = rule(None, lr=0.0).train_sequence(x, y)
+    assert torch.equal(first.votes + second.votes, at_once.votes)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        rule(0)

@@ -336,3 +336,24 @@ def test_continual_measures_on_known_curves():
     assert recovery_time(curve, shift_s=3.0, tolerance=0.15) == pytest.approx(2.0)
     assert recovery_time(curve, shift_s=3.0, tolerance=0.0) == pytest.approx(3.0)
     assert recovery_time(_rows([0.9, 0.9, 0.2, 0.2]), shift_s=2.0) is None
+
+
+def test_parallel_streams_learn_side_by_side_as_one_batch(tmp_path):
+    from threefactor.stream.sources import ParallelStreams
+
+    sources = [MotionStream(seed, 30, 30, downsample=2) for seed in (1, 2, 3)]
+    batch = next(ParallelStreams(sources))
+    alone = [next(MotionStream(seed, 30, 30, downsample=2)) for seed in (1, 2, 3)]
+    assert batch.frames.shape == (3, 30, 2, 16, 16)
+    assert all(torch.equal(batch.frames[i], a.frames) for i, a in enumerate(alone))
+    assert batch.label.tolist() == [a.label for a in alone]
+    with pytest.raises(ValueError, match="segments of one length"):
+        next(ParallelStreams([MotionStream(1, 30, 30), MotionStream(2, 40, 40)]))
+    learner = _learner(tmp_path / "par", window_steps=60)
+    learner.run(ParallelStreams([MotionStream(seed, 30, 30, downsample=2) for seed in (1, 2, 3)]), steps=90)
+    rows = read_rows(tmp_path / "par")
+    assert [r["step"] for r in rows] == [60, 90] and all(0 <= r["accuracy"][-1] <= 1 for r in rows)
+    from threefactor.config import load_config as load
+
+    with pytest.raises(Exception, match="needs stream.source 'motion' with segments of one length"):
+        load("stream", ["stream.parallel=4"])

@@ -233,6 +233,9 @@ class StreamConfig:
     labels: str | None = None  # aedat4, camera: a start_us,end_us,class listing
     segment_ms: int = 100  # aedat4, camera: longest segment (cut earlier where the label changes)
     plot_every: int = 10  # windows between redraws of RUN_DIR/plots/stream.png
+    # motion: this many independent streams learning side by side as one batch (each with its own
+    # state; segments of one length, min_ms = max_ms)
+    parallel: int = 1
 
 
 @dataclass
@@ -461,6 +464,11 @@ def _check_stream(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: 'stream.checkpoint_every_steps' and 'stream.checkpoint_every_s' must be >= 0")
     if not 0 < s.label_fraction <= 1:
         raise ConfigError(f"{source}: 'stream.label_fraction' must be in (0, 1], got {s.label_fraction}")
+    if s.parallel < 1:
+        raise ConfigError(f"{source}: 'stream.parallel' must be >= 1, got {s.parallel}")
+    if s.parallel > 1 and (s.source != "motion" or s.min_ms != s.max_ms):
+        raise ConfigError(f"{source}: 'stream.parallel' > 1 needs stream.source 'motion' with segments of one "
+                          f"length (stream.min_ms = stream.max_ms, now {s.min_ms} and {s.max_ms})")
     if s.source == "aedat4" and not s.path:
         raise ConfigError(f"{source}: stream.source 'aedat4' needs 'stream.path', the AEDAT4 file")
 

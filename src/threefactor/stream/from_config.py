@@ -14,9 +14,10 @@ from ..errors import RunError
 from ..model.network import build_network
 from ..rules import make_rule
 from ..run.from_config import make_optimizer, resolve_device
+from ..run.allocator import retain_freed_memory
 from ..run.directory import CHECKPOINT_NAME
 from .learner import StreamLearner, StreamObserver
-from .sources import Aedat4Stream, LabelTimeline, MotionStream, RecordingStream, Scenario
+from .sources import Aedat4Stream, LabelTimeline, MotionStream, ParallelStreams, RecordingStream, Scenario
 
 # Settings a resumed stream may change: they do not change what it computes up to now.
 RESUMABLE_STREAM_CHANGES = ("device", "stream.steps", "stream.checkpoint_every_steps",
@@ -41,6 +42,9 @@ def make_source(cfg: Config):
     """The stream of ``cfg.stream.source``."""
     s = cfg.stream
     try:
+        if s.source == "motion" and s.parallel > 1:
+            return ParallelStreams([MotionStream(cfg.seed * 1000 + i, s.min_ms, s.max_ms, s.downsample, scenario(cfg))
+                                    for i in range(s.parallel)])
         if s.source == "motion":
             return MotionStream(cfg.seed, s.min_ms, s.max_ms, s.downsample, scenario(cfg))
         if s.source == "dataset":
@@ -97,7 +101,10 @@ def build_stream(cfg: Config, out_dir: str | Path, log: Callable[[str], None] = 
 
 def stream(cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print, resume: bool = False,
            observers: Sequence[StreamObserver] = ()) -> dict:
-    """Learn from the stream ``cfg`` describes into ``out_dir``; returns the summary."""
+    """Learn from the stream ``cfg`` describes into ``out_dir``; returns the summary. The
+    process keeps the memory it frees (``allocator.retain_freed_memory``, as ``train`` does), so
+    the buffers of segments of every length are reused instead of fragmenting the heap."""
+    retain_freed_memory()
     if resume and not (Path(out_dir) / CHECKPOINT_NAME).exists():
         raise RunError(f"{out_dir}: no stream to resume there")
     learner, source = build_stream(cfg, out_dir, log, observers)

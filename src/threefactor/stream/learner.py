@@ -208,9 +208,10 @@ class _Stream:
                 t_seg = time.perf_counter()
                 self.learn_from(seg)
                 self.window.wall_s += time.perf_counter() - t_seg
-                bar.update(len(seg.frames))
-                self.step += len(seg.frames)
-                self.segment, self.start_us = seg.index + 1, seg.start_us + len(seg.frames) * self.dt_us
+                steps = seg.frames.shape[-4]  # (T, P, H, W), or (B, T, P, H, W) for parallel streams
+                bar.update(steps)
+                self.step += steps
+                self.segment, self.start_us = seg.index + 1, seg.start_us + steps * self.dt_us
                 if self.window.steps >= self.l.window_steps:
                     self.write_row()
                     bar.set_postfix_str(self.postfix)
@@ -232,11 +233,15 @@ class _Stream:
         return summary
 
     def learns(self, seg: Segment) -> bool:
-        return (self.l.learn and seg.label != UNLABELLED
+        labelled = bool((torch.as_tensor(seg.label) != UNLABELLED).all())
+        return (self.l.learn and labelled
                 and (self.l.learn_until is None or seg.index < self.l.learn_until))
 
     def learn_from(self, seg: Segment) -> None:
-        x = seg.frames[None].to(self.device, torch.float32)
+        batched = seg.frames.dim() == 5  # parallel streams: (B, T, ...)
+        x = (seg.frames if batched else seg.frames[None]).to(self.device, torch.float32)
+        label = torch.as_tensor(seg.label).reshape(-1).to(self.device)
+        truth = torch.as_tensor(seg.truth).reshape(-1).to(self.device)
         if not torch.isfinite(x).all():
             raise RunError(f"segment {seg.index} of the stream holds NaN or Inf frames")
         if self.saved_state is not None:
@@ -244,19 +249,22 @@ class _Stream:
         learning = self.learns(seg)
         self.network.train(learning)  # readout dropout, where the network has it, only while learning
         if learning:
-            res = self.l.rule.train_sequence(x, torch.tensor([seg.label], device=self.device), state=self.state)
+            res = self.l.rule.train_sequence(x, label, state=self.state)
         else:
-            truth = None if seg.truth == UNLABELLED else torch.tensor([seg.truth], device=self.device)
-            res = predict_sequence(self.network, x, truth, self.l.burn_in if self.state is None else 0,
-                                   self.l.loss, state=self.state)
+            known = bool((truth != UNLABELLED).all())
+            res = predict_sequence(self.network, x, truth if known else None,
+                                   self.l.burn_in if self.state is None else 0, self.l.loss, state=self.state)
         self.state = res.state
         steps = x.shape[1]
         w = self.window
         w.steps += steps
         w.rates += res.rates.detach().double().cpu() * steps
-        if seg.truth != UNLABELLED:
-            w.correct += res.votes[:, 0, seg.truth].detach().double().cpu()
-            w.judged += steps
+        judged = truth != UNLABELLED
+        if bool(judged.any()):
+            # per layer, the steps whose vote was the true class, summed over the judged streams
+            votes = res.votes[:, judged].gather(2, truth[judged][None, :, None].expand(len(res.votes), -1, 1))
+            w.correct += votes.sum((1, 2)).detach().double().cpu() / len(truth)
+            w.judged += steps * int(judged.sum()) / len(truth)
             w.loss += res.loss.detach().double().cpu() * steps
         if learning:
             w.learned += steps

@@ -12,6 +12,8 @@ where the label may change.
   motion, or a sensor that loses most OFF events), labels on only a fraction of the segments.
 - ``RecordingStream``: the recordings of any ``EventDataset`` (N-MNIST, DVS Gesture, a folder of
   your own) one after another, in a new seeded order every pass, for ``passes`` passes or forever.
+- ``ParallelStreams``: several sources of equal-length segments learning side by side, as one
+  batch (each keeps its own state; every step sees several classes at once).
 - ``Aedat4Stream``: an AEDAT4 file, or a live camera, through iniVation's ``dv-processing``
   (``pip install dv-processing``), cut into segments at label changes (``LabelTimeline``) or
   every ``segment_ms``.
@@ -328,6 +330,42 @@ class Aedat4Stream:
         segment = Segment(self.next_index, frames, int(label), start, int(label))
         self.next_index, self._cursor = self.next_index + 1, start + steps * self.dt_us
         return segment
+
+
+class ParallelStreams:
+    """``sources`` side by side as one batch: segment k is the k-th segment of every source,
+    frames (B, T, P, H, W), ``label`` and ``truth`` (B,) tensors. The sources must make segments
+    of equal lengths (e.g. ``MotionStream``s with ``min_ms == max_ms`` and different seeds); the
+    network keeps one state per source. A batch is learned from only where every source gives
+    its label."""
+
+    def __init__(self, sources: Sequence) -> None:
+        if not sources:
+            raise ValueError("ParallelStreams needs at least one source")
+        self.sources = list(sources)
+        first = self.sources[0]
+        self.classes, self.sensor_size = first.classes, first.sensor_size
+        self.dt_us = getattr(first, "dt_us", 1000)
+        self.next_index = 0
+
+    def seek(self, segment: int, start_us: int) -> None:
+        for s in self.sources:
+            s.seek(segment, start_us)
+        self.next_index = segment
+
+    def __iter__(self) -> Iterator[Segment]:
+        return self
+
+    def __next__(self) -> Segment:
+        parts = [next(s) for s in self.sources]
+        lengths = {len(p.frames) for p in parts}
+        if len(lengths) > 1:
+            raise ValueError(f"parallel streams need segments of one length, got {sorted(lengths)} at segment "
+                             f"{self.next_index}")
+        self.next_index += 1
+        return Segment(parts[0].index, torch.stack([p.frames for p in parts]),
+                       torch.tensor([p.label for p in parts]), parts[0].start_us,
+                       torch.tensor([p.truth for p in parts]))
 
 
 class Prefetch:
