@@ -21,7 +21,30 @@ import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit (HEAP_MAX_SIZE / 2)
+
+
+def _mallopt():
+    """glibc's ``mallopt``, or None where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def share_one_arena() -> bool:
+    """Make threads started from now on allocate from the main malloc arena; True where it took
+    effect. A stream's prefetch thread makes every segment's frames: in an arena of its own,
+    segments of every length fragment that arena and the process's memory creeps up over hours
+    (``benchmarks.stream_memory``)."""
+    mallopt = _mallopt()
+    return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
 
 
 def retain_freed_memory(
@@ -31,14 +54,9 @@ def retain_freed_memory(
 
     A no-op returning False where the C library is not glibc (macOS, Windows, musl).
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     mmap_ok = mallopt(_M_MMAP_THRESHOLD, min(int(mmap_threshold), _MMAP_THRESHOLD_MAX)) == 1
     trim_ok = mallopt(_M_TRIM_THRESHOLD, min(int(trim_threshold), 2**31 - 1)) == 1
     return mmap_ok and trim_ok

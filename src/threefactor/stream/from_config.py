@@ -14,7 +14,7 @@ from ..errors import RunError
 from ..model.network import build_network
 from ..rules import make_rule
 from ..run.from_config import make_optimizer, resolve_device
-from ..run.allocator import retain_freed_memory
+from ..run.allocator import retain_freed_memory, share_one_arena
 from ..run.directory import CHECKPOINT_NAME
 from .learner import StreamLearner, StreamObserver
 from .sources import Aedat4Stream, LabelTimeline, MotionStream, ParallelStreams, RecordingStream, Scenario
@@ -103,8 +103,10 @@ def stream(cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print,
            observers: Sequence[StreamObserver] = ()) -> dict:
     """Learn from the stream ``cfg`` describes into ``out_dir``; returns the summary. The
     process keeps the memory it frees (``allocator.retain_freed_memory``, as ``train`` does), so
-    the buffers of segments of every length are reused instead of fragmenting the heap."""
+    the buffers of segments of every length are reused, and its threads share one malloc arena
+    (``allocator.share_one_arena``): memory stays flat however long the stream runs."""
     retain_freed_memory()
+    share_one_arena()
     if resume and not (Path(out_dir) / CHECKPOINT_NAME).exists():
         raise RunError(f"{out_dir}: no stream to resume there")
     learner, source = build_stream(cfg, out_dir, log, observers)
