@@ -60,6 +60,24 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+class Source:
+    """What every stream is: an iterator of ``Segment``s numbered from 0, which ``seek`` restarts
+    at any segment (the segment's start in stream time given), so a stream resumes exactly."""
+
+    dt_us = 1000
+
+    def __init__(self) -> None:
+        self.next_index = 0
+        self._start_us = 0
+
+    def seek(self, segment: int, start_us: int) -> None:
+        """Continue with segment ``segment``, which starts at ``start_us`` of stream time."""
+        self.next_index, self._start_us = segment, start_us
+
+    def __iter__(self) -> Iterator[Segment]:
+        return self
+
+
 @dataclass(frozen=True)
 class Scenario:
     """How a ``MotionStream`` changes over its segments.
@@ -89,13 +107,12 @@ class Scenario:
         return self.shift_at is not None and segment >= self.shift_at
 
 
-class MotionStream:
+class MotionStream(Source):
     """The embedded motion dataset as an endless stream: segments of ``min_ms`` to ``max_ms``
     ms (1 ms steps), each one random class with a fresh texture, deterministic by ``seed``.
     Frames are summed over ``downsample`` x ``downsample`` pixel blocks (2: 16 x 16)."""
 
     classes = MOTION_CLASSES
-    dt_us = 1000
 
     def __init__(self, seed: int = 0, min_ms: int = 60, max_ms: int = 200, downsample: int = 1,
                  scenario: Scenario = Scenario(), spec: MotionSpec = MotionSpec()) -> None:
@@ -107,15 +124,7 @@ class MotionStream:
         self.scenario, self.spec = scenario, spec
         w, h, p = SENSOR_SIZE
         self.sensor_size = (w // downsample, h // downsample, p)
-        self.next_index = 0
-        self._start_us = 0
-
-    def seek(self, segment: int, start_us: int) -> None:
-        """Continue with segment ``segment``, which starts at ``start_us`` of stream time."""
-        self.next_index, self._start_us = segment, start_us
-
-    def __iter__(self) -> Iterator[Segment]:
-        return self
+        super().__init__()
 
     def plan(self, k: int) -> tuple[int, int, bool, np.random.Generator]:
         """Segment ``k``'s class, length in steps and whether it is labelled, without making it
@@ -151,7 +160,7 @@ class MotionStream:
         return segment
 
 
-class RecordingStream:
+class RecordingStream(Source):
     """The recordings of ``dataset`` (an ``EventDataset``) played back to back: each pass in a
     new order drawn from ``seed``, for ``passes`` passes (None: forever). Each recording becomes
     one segment of ``ceil(duration / dt_us)`` steps (events from its own first timestamp on),
@@ -166,14 +175,7 @@ class RecordingStream:
         self.transform = transform
         self.classes = tuple(dataset.classes)
         self.sensor_size = tuple(sensor_size or dataset.sensor_size)
-        self.next_index = 0
-        self._start_us = 0
-
-    def seek(self, segment: int, start_us: int) -> None:
-        self.next_index, self._start_us = segment, start_us
-
-    def __iter__(self) -> Iterator[Segment]:
-        return self
+        super().__init__()
 
     def __next__(self) -> Segment:
         k, n = self.next_index, len(self.dataset)
