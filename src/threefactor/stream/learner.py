@@ -2,9 +2,8 @@
 
 ``StreamLearner(network, rule, optimizer, out_dir).run(source, steps)`` feeds the segments of
 ``source`` (``stream.sources``) through the network one after another without ever resetting
-its state. Every step is evaluated *prequentially*, as online-learning libraries do (River's
-``progressive_val_score``): the readout of the step predicts, then the rule learns from the same
-step (DECOLLE's update follows the forward pass it judged). Segments without a label are only
+its state. Every step is evaluated *prequentially* (test, then train): the readout of the step
+predicts, then the rule learns from the same step (DECOLLE's update follows the forward pass it judged). Segments without a label are only
 predicted; ``learn=False`` (or ``learn_until`` a segment) turns learning off.
 
 The run directory is the trainer's: a lock, ``config.yaml``, sealed checkpoints, and
