@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 ./dev run python -m benchmarks.memory [--rules decolle stllr bptt]
         [--batches 1 8] [--steps 50 100 200 400 800 1800] [--max-gb 6] [--max-run-s 400]
-        [--threads 2] [--out benchmarks/results]
+        [--threads 2] [--precision fp32|bf16] [--out benchmarks/results] [--name memory]
 
 On the paper's DvsGesture network (2x32x32 input, conv 7x7 64-128-128, pool 2-1-2, 11
 classes; S-TLLR on the same stack with soft-reset LIF neurons), every point is one call of
@@ -49,7 +49,8 @@ def worker(spec: dict) -> dict:
     H.worker_setup(spec["threads"], spec.get("allocator", "default"))
     net = H.NETWORKS[spec["net"]]
     device = torch.device(spec.get("device", "cpu"))
-    network, optimizer, rule = H.build_ours(net, spec["rule"], **spec.get("options", {}))
+    network, optimizer, rule = H.build_ours(net, spec["rule"], precision=spec.get("precision", "fp32"),
+                                            **spec.get("options", {}))
     network.to(device)
     network.train()
     if spec.get("baseline"):
@@ -102,7 +103,7 @@ def measure(args) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     base_spec = {"net": args.net, "threads": args.threads, "device": device, "baseline": True,
-                 "allocator": args.allocator}
+                 "allocator": args.allocator, "precision": args.precision}
     baselines = {}
     for rule in rules:
         vals = []
@@ -135,7 +136,7 @@ def measure(args) -> dict:
                     log(f"{rule:7s} B={batch} T={steps}: skipped ({row['skipped']})")
                     continue
                 spec = {"net": args.net, "threads": args.threads, "device": device, "rule": rule,
-                        "allocator": args.allocator,
+                        "allocator": args.allocator, "precision": args.precision,
                         "batch": batch, "steps": steps}
                 repeats = args.repeats if (pred_s or 0) < args.repeat_below_s else 1
                 runs = [H.run_worker(MODULE, spec, args.threads, timeout=max(3 * args.max_run_s, 600))
@@ -175,7 +176,7 @@ def measure(args) -> dict:
                     "ru_maxrss of the subprocess minus the median ru_maxrss of subprocesses that only "
                     "build the model and optimiser"),
         "settings": {"net": args.net, "rules": rules, "batches": args.batches, "steps": args.steps,
-                     "threads": args.threads, "allocator": args.allocator,
+                     "threads": args.threads, "allocator": args.allocator, "precision": args.precision,
                      "max_gb": args.max_gb, "max_run_s": args.max_run_s,
                      "rule_settings": "make_rule defaults with burn-in 0, smooth L1, Adamax; decolle/bptt: "
                                       "fast_sigmoid, lagged P, dropout 0.5, decolle in closed form; stllr: soft-reset LIF, "
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--allocator", default="default", choices=H.ALLOCATORS,
                    help="malloc policy of every run: default (glibc as it is) or retain (as "
                         "threefactor.run.from_config runs, allocator.retain_freed_memory) (default)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="train.precision of every rule (fp32; bf16: bf16 products, fp32 master weights)")
     p.add_argument("--max-gb", type=float, default=6.0, help="skip points predicted above this (6)")
     p.add_argument("--max-run-s", type=float, default=400.0, help="skip points predicted to run longer (400)")
     p.add_argument("--repeats", type=int, default=2, help="runs per point when it is quick (2)")

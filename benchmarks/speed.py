@@ -27,7 +27,7 @@ DECOLLE step, ``ours_autograd`` the same rule through autograd (``rule.closed_fo
 the before/after of the speed work; training only, inference has one path), and
 ``ours_compiled`` the closed form through ``torch.compile`` (``rule.compile: true``; its one-off
 compile happens in the untimed warm-up), ``ours_bf16`` the default step with
-``train.precision: bf16``, and ``theirs_autocast`` the authors' step and loss under
+``train.precision: bf16``, ``ours_bf16_compiled`` both (bf16 with ``rule.compile: true``), and ``theirs_autocast`` the authors' step and loss under
 ``torch.autocast("cpu", torch.bfloat16)``. Every throughput is also given as a fraction of the
 bf16 peak of the same run (``fraction_of_bf16_peak``). ``--allocator`` sets the malloc policy of every
 measuring process, ours and theirs alike. Besides the
@@ -50,7 +50,7 @@ if __package__ in (None, ""):
 from benchmarks import _harness as H  # noqa: E402
 
 MODULE = "benchmarks.speed"
-OURS = ("ours", "ours_bf16", "ours_autograd", "ours_compiled")
+OURS = ("ours", "ours_bf16", "ours_bf16_compiled", "ours_autograd", "ours_compiled")
 THEIRS = ("theirs", "theirs_autocast")
 IMPLS = OURS + THEIRS
 PEAKS = ("peak_matmul", "peak_conv", "peak_matmul_bf16", "peak_conv_bf16")
@@ -149,9 +149,10 @@ def _ours(spec: dict) -> dict:
 
     net = H.NETWORKS[spec["net"]]
     batch, mode = spec["batch"], spec["mode"]
-    precision = "bf16" if spec["kind"] == "ours_bf16" else "fp32"
+    precision = "bf16" if spec["kind"] in ("ours_bf16", "ours_bf16_compiled") else "fp32"
     network, _, rule = H.build_ours(net, "decolle", closed_form=spec["kind"] != "ours_autograd",
-                                    compile=spec["kind"] == "ours_compiled", precision=precision)
+                                    compile=spec["kind"] in ("ours_compiled", "ours_bf16_compiled"),
+                                    precision=precision)
     labels = H.random_labels(batch, net.n_classes)
     if mode == "train":
         network.train()
@@ -255,7 +256,7 @@ def measure(args) -> dict:
             log(f"[rep {rep + 1}] {kind}: {r.get('gflops', r.get('error'))}")
         for net, mode, batch in cells:
             for impl in args.impls:
-                if (impl in THEIRS and not theirs_ok) or (impl in ("ours_autograd", "ours_compiled",
+                if (impl in THEIRS and not theirs_ok) or (impl in ("ours_autograd", "ours_compiled", "ours_bf16_compiled",
                                                                    "theirs_autocast") and mode == "infer"):
                     continue  # inference has one path: predict_sequence, no autograd
                 spec = {"kind": impl, "net": net, "mode": mode, "batch": batch,
@@ -282,6 +283,7 @@ def measure(args) -> dict:
                                "train (online_update) / test" if theirs_ok else theirs_version,
                      "ours_bf16": "ours with train.precision bf16 (bf16 synapse products, fp32 master "
                                   "weights, optimiser state, traces and losses)",
+                     "ours_bf16_compiled": "ours_bf16 with rule.compile true",
                      "theirs_autocast": "theirs with their step and loss under torch.autocast(cpu, bfloat16)"},
         "flops": {n: H.flops_per_sample_step(H.NETWORKS[n]) for n in args.nets},
         "raw": raw,
@@ -345,6 +347,7 @@ def aggregate(data: dict) -> dict:
         for impl, short, speedup in (("ours_autograd", "autograd", "speedup_closed_form_over_autograd"),
                                      ("ours_compiled", "compiled", "speedup_compiled_over_eager"),
                                      ("ours_bf16", "bf16", "speedup_bf16_over_fp32"),
+                                     ("ours_bf16_compiled", "bf16_compiled", "speedup_bf16_compiled_over_fp32"),
                                      ("theirs_autocast", "theirs_autocast", None)):
             key = f"{impl}/{net}/{mode}/{batch}"
             if not raw.get(key):
@@ -358,9 +361,11 @@ def aggregate(data: dict) -> dict:
                 row[speedup] = H.summarise([a / b for a, b in pairs])
             if theirs_ok and v and len(v) == len(theirs):
                 row[f"ratio_{short}_over_theirs"] = H.summarise([a / t for a, t in zip(v, theirs)])
-        bf16, autocast = (vals(f"{k}/{net}/{mode}/{batch}") for k in ("ours_bf16", "theirs_autocast"))
-        if bf16 and len(bf16) == len(autocast):
-            row["ratio_bf16_over_theirs_autocast"] = H.summarise([a / t for a, t in zip(bf16, autocast)])
+        autocast = vals(f"theirs_autocast/{net}/{mode}/{batch}")
+        for impl, short in (("ours_bf16", "bf16"), ("ours_bf16_compiled", "bf16_compiled")):
+            v = vals(f"{impl}/{net}/{mode}/{batch}")
+            if v and len(v) == len(autocast):
+                row[f"ratio_{short}_over_theirs_autocast"] = H.summarise([a / t for a, t in zip(v, autocast)])
         # every implementation's best as a fraction of the bf16 peak of the same run
         row["fraction_of_bf16_peak"] = {
             impl: (max(v) * f_step / 1e9 / peak_bf16_ref)
@@ -402,6 +407,8 @@ def plot(data: dict, path: Path) -> None:
                                       ("ours_autograd_sample_steps_per_s", "threefactor, autograd path", "C2"),
                                       ("ours_compiled_sample_steps_per_s", "threefactor, rule.compile", "C3"),
                                       ("ours_bf16_sample_steps_per_s", "threefactor, bf16", "C4"),
+                                      ("ours_bf16_compiled_sample_steps_per_s", "threefactor, bf16 + rule.compile",
+                                       "C6"),
                                       ("theirs_sample_steps_per_s", "decolle==0.2 (authors)", "C1"),
                                       ("theirs_autocast_sample_steps_per_s", "decolle==0.2 under bf16 autocast",
                                        "C5")):
@@ -441,6 +448,7 @@ def table(data: dict) -> str:
     peak32, peak16 = data["peak_reference_gflops"], data.get("peak_reference_bf16_gflops")
     ratio_key = {"ours": "ratio_ours_over_theirs", "ours_autograd": "ratio_autograd_over_theirs",
                  "ours_compiled": "ratio_compiled_over_theirs", "ours_bf16": "ratio_bf16_over_theirs",
+                 "ours_bf16_compiled": "ratio_bf16_compiled_over_theirs",
                  "theirs_autocast": "ratio_theirs_autocast_over_theirs"}
     for r in data["results"]:
         for impl in IMPLS:
@@ -454,9 +462,10 @@ def table(data: dict) -> str:
             p16 = f"{100 * gflops / peak16:6.1f}" if peak16 else "   n/a"
             lines.append(f"{r['net']:11s} {r['mode']:5s} {r['batch']:5d}  {impl:16s} {s['median']:9.1f} "
                          f"({s['max']:9.1f})  {ratio}   {p32}  {p16}")
-        q = r.get("ratio_bf16_over_theirs_autocast")
-        if q and q["median"]:
-            lines.append(f"{'':30s}ours_bf16 / theirs_autocast (paired median): {q['median']:.2f}x")
+        for short in ("bf16", "bf16_compiled"):
+            q = r.get(f"ratio_{short}_over_theirs_autocast")
+            if q and q["median"]:
+                lines.append(f"{'':30s}ours_{short} / theirs_autocast (paired median): {q['median']:.2f}x")
     return "\n".join(lines)
 
 
@@ -471,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--impls", nargs="+", default=["ours", "ours_bf16", "ours_autograd", "ours_compiled", "theirs"],
                    choices=list(IMPLS),
                    help="ours (threefactor, closed-form DECOLLE step in fp32: the default), ours_bf16 "
-                        "(the same with train.precision bf16), ours_autograd (through autograd, "
+                        "(the same with train.precision bf16), ours_bf16_compiled (bf16 and rule.compile=true), ours_autograd (through autograd, "
                         "rule.closed_form=false), ours_compiled (the closed form with rule.compile=true), "
                         "theirs (decolle==0.2 as shipped), theirs_autocast (theirs under "
                         "torch.autocast(cpu, bfloat16))")

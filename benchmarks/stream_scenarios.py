@@ -2,7 +2,8 @@
 
     ./dev run python -m benchmarks.stream_scenarios [--phase-segments 60] [--segments 300]
         [--bptt-window 20] [--scenarios class_incremental domain_shift sparse_labels]
-        [--methods decolle frozen tbptt] [--threads 1] [--name stream_scenarios]
+        [--methods decolle frozen tbptt] [--parallel 1] [--segment-ms 100] [--threads 1]
+        [--name stream_scenarios]
 
 Every run is ``threefactor stream`` on the endless motion stream (the ``stream`` preset: the
 small network, batch 1, state never reset) with one scenario:
@@ -25,7 +26,13 @@ rest, no learning), which is what the network generalises to.
 Methods on the same stream: ``decolle`` (learns at every labelled step), ``frozen`` (the same,
 frozen after the first ``phase_segments`` segments), ``tbptt`` (BPTT truncated to windows of
 ``bptt_window`` steps, state carried over). Measures: average (prequential) accuracy of the
-last layer over the whole stream, forgetting, recovery time. Writes
+last layer over the whole stream, forgetting, recovery time.
+
+``--parallel N`` runs N streams of the same scenario side by side as one batch
+(``stream.parallel``; different seeds, segments of ``--segment-ms`` each, one network state per
+stream): the network sees N segments per step instead of one. A batch is learned from only where
+every stream is labelled, so ``sparse_labels`` is not meaningful with N > 1 (it would almost
+never learn) and is skipped. Writes
 ``benchmarks/results/stream/<name>.json``, ``.md`` and one PNG of the running accuracy per
 scenario.
 """
@@ -83,10 +90,21 @@ def probe(network, classes: list[int], seed: int) -> float:
     return correct / total
 
 
+def streams_of(source) -> list:
+    """The single streams of ``source`` (those of a ``ParallelStreams``, or itself)."""
+    return list(getattr(source, "sources", [source]))
+
+
 def no_change_accuracy(source, n_segments: int) -> float:
     """The prequential accuracy of the no-change classifier on the same stream: it predicts the
     last label it was given (Zliobaite 2015), so it errs only at the first step of a segment
-    whose class differs, and on steps after unlabelled segments of another class."""
+    whose class differs, and on steps after unlabelled segments of another class. Parallel
+    streams: the mean over the streams."""
+    streams = streams_of(source)
+    return sum(_no_change_one(s, n_segments) for s in streams) / len(streams)
+
+
+def _no_change_one(source, n_segments: int) -> float:
     correct = total = 0
     last = None
     for k in range(n_segments):
@@ -110,6 +128,9 @@ def run(scenario: str, method: str, args, root: Path) -> dict:
     overrides = [f"stream.scenario={scenario}", f"stream.phase_segments={p}", "train.progress=false",
                  "train.plots=false", "device=cpu", "stream.steps=null", f"stream.shift_at_segment={n_segments // 2}",
                  f"seed={args.seed}"]
+    if args.parallel > 1:
+        overrides += [f"stream.parallel={args.parallel}", f"stream.min_ms={args.segment_ms}",
+                      f"stream.max_ms={args.segment_ms}"]
     if method == "frozen":
         overrides.append(f"stream.learn_until_segment={p}")
     if method == "tbptt":
@@ -131,6 +152,7 @@ def run(scenario: str, method: str, args, root: Path) -> dict:
     # (the prequential accuracy also counts how fast it follows a segment's constant label)
     final_probe = probe(learner.network, list(range(8)), 10_000 + args.seed)
     rows = read_rows(out)
+    first = streams_of(source)[0]  # parallel streams share their segment boundaries
     result = {"scenario": scenario, "method": method, "steps": rows[-1]["step"], "wall_s": wall,
               "average_accuracy": average_accuracy(rows), "final_probe_accuracy": final_probe,
               "no_change_accuracy": no_change_accuracy(source, rows[-1]["segment"]), "rows": rows}
@@ -138,9 +160,9 @@ def run(scenario: str, method: str, args, root: Path) -> dict:
         result["probes"] = probes
         result["forgetting"] = forgetting(probes)
         result["final_probe_all_classes"] = sum(probes[-1].values()) / len(probes[-1])
-        result["marks"] = [(source.start_of(k * p) / 1e6, f"phase {k + 1}") for k in range(1, 4)]
+        result["marks"] = [(first.start_of(k * p) / 1e6, f"phase {k + 1}") for k in range(1, 4)]
     if scenario == "domain_shift":
-        shift_s = source.start_of(n_segments // 2) / 1e6
+        shift_s = first.start_of(n_segments // 2) / 1e6
         result["shift_s"] = shift_s
         result["recovery_s"] = recovery_time(rows, shift_s, tolerance=0.05)
         result["marks"] = [(shift_s, "2x faster")]
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segments", type=int, default=300)
     p.add_argument("--bptt-window", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=1, help="streams side by side as one batch (stream.parallel)")
+    p.add_argument("--segment-ms", type=int, default=100, help="segment length with --parallel > 1")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="stream_scenarios")
     args = p.parse_args(argv)
@@ -169,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
+            if args.parallel > 1 and scenario == "sparse_labels":
+                print("sparse_labels skipped: with --parallel > 1 a batch learns only where every stream is "
+                      "labelled", flush=True)
+                continue
             for method in args.methods:
                 r = run(scenario, method, args, Path(tmp))
                 results.append(r)
@@ -178,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     for scenario in args.scenarios:
         runs = [r for r in results if r["scenario"] == scenario]
-        plot_scenario(runs, OUT / f"{args.name}_{scenario}.png")
+        if runs:
+            plot_scenario(runs, OUT / f"{args.name}_{scenario}.png")
     (OUT / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
     lines = ["| scenario | method | average prequential accuracy (last layer) | held-out probe at the end | "
              "forgetting (probes) | recovery after the shift | no-change classifier | steps | wall |",

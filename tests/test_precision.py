@@ -241,9 +241,20 @@ def test_checkpoint_and_summary_of_a_bf16_run(tmp_path):
     network, _, payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert all(v.dtype == torch.float32 for v in payload["model"].values() if v.is_floating_point())
     assert all(p.dtype == torch.float32 for p in network.parameters())
+    # the run's test figures are those of its network evaluated in bf16, not in fp32
+    from threefactor.run.evaluate import evaluate
+    from threefactor.run.from_config import load_data
+
+    _, test = load_data(cfg)
+    batches = [(test.frames, test.labels)]
+    losses = {p: evaluate(network, batches, cfg.rule.loss, cfg.rule.burn_in, precision=p)[1]
+              for p in ("bf16", "fp32")}
+    reported = list(summary["test_loss"].values())
+    assert reported == pytest.approx(losses["bf16"], rel=1e-6)
+    assert reported != pytest.approx(losses["fp32"], rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["ours_bf16", "theirs_autocast", "peak_conv_bf16"])
+@pytest.mark.parametrize("kind", ["ours_bf16", "ours_bf16_compiled", "theirs_autocast", "peak_conv_bf16"])
 def test_speed_benchmark_measures_the_bf16_columns(kind):
     import sys
     from pathlib import Path

@@ -132,3 +132,31 @@ def test_memory_worker_sees_decolle_flat_and_bptt_growing_in_t():
                       ["training_growth_mb"] for t in (20, 200)]
     assert abs(grow["decolle"][1] - grow["decolle"][0]) < 2.0  # MB: nothing kept per step
     assert grow["bptt"][1] > grow["bptt"][0] + 10.0  # the graph of 180 more steps
+
+
+def test_precision_summary_pairs_seeds_and_gives_their_spread():
+    from benchmarks.precision import summarise, table
+
+    def row(seed, precision, last):
+        return {"config": "default", "seed": seed, "precision": precision, "test_accuracy": [0.5, last],
+                "wall_time_s": 10.0, "maxrss_mb": None}
+
+    rows = [row(0, "fp32", 0.90), row(0, "bf16", 0.92), row(1, "fp32", 0.80), row(1, "bf16", 0.79),
+            row(2, "fp32", 0.85), row(2, "bf16", 0.85)]
+    (s,) = summarise(rows, ["fp32", "bf16"])
+    assert s["paired_difference"]["pairs"] == pytest.approx([0.02, -0.01, 0.0])
+    assert s["paired_difference"]["mean"] == pytest.approx(0.01 / 3)
+    assert s["per_precision"]["fp32"]["mean"] == pytest.approx(0.85)
+    assert s["per_precision"]["fp32"]["std"] == pytest.approx(0.05)  # sample std of 0.9, 0.8, 0.85
+    text = table(rows, [s], ["fp32", "bf16"])
+    assert "85.00 % (5.00)" in text and "+2.00, -1.00, +0.00" in text
+
+
+def test_no_change_score_of_parallel_streams_is_the_mean_of_their_scores():
+    from benchmarks.stream_scenarios import no_change_accuracy
+    from threefactor.stream.sources import MotionStream, ParallelStreams, Scenario
+
+    streams = [MotionStream(seed, 20, 20, downsample=2, scenario=Scenario(label_fraction=0.5)) for seed in (1, 2, 3)]
+    each = [no_change_accuracy(s, 30) for s in streams]
+    assert len(set(each)) > 1  # different streams, different scores: the mean is not trivially one of them
+    assert no_change_accuracy(ParallelStreams(streams), 30) == pytest.approx(sum(each) / 3)

@@ -244,6 +244,40 @@ def test_files_grow_with_windows_only_and_the_plot_is_drawn(tmp_path):
     assert all(0 <= r["judged_fraction"] <= 1 and r["steps_per_s"] > 0 for r in rows)
 
 
+MAPPED_APART = textwrap.dedent("""
+    import ctypes, sys
+    import numpy as np
+    from threefactor import load_config
+    from threefactor.stream.from_config import SEGMENT_MMAP_THRESHOLD, stream
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks "
+                                                  "uordblks fordblks keepcost".split()]
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    stream(load_config("stream", sys.argv[2:]), sys.argv[1], log=lambda m: None)
+    def mappings(nbytes):  # how many mappings of its own a buffer of nbytes adds
+        before = mallinfo2().hblks
+        buffer = np.ones(nbytes // 8)
+        return mallinfo2().hblks - before
+    # malloc takes a large buffer from a free chunk of the heap where one fits, so the large one
+    # is larger than all the heap's free memory: it would have to grow the heap
+    print(mappings(mallinfo2().fordblks + 4 * SEGMENT_MMAP_THRESHOLD), mappings(SEGMENT_MMAP_THRESHOLD // 4))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and mallinfo2 are glibc's (Linux)")
+def test_a_streams_segment_sized_buffers_are_mapped_apart_from_the_heap(tmp_path):
+    # segments of every length, each buffer sized by its length, fragment a heap they share
+    # with what outlives them: only buffers of their own mapping keep the peak flat
+    done = subprocess.run([sys.executable, "-c", MAPPED_APART, str(tmp_path / "run"), *SMALL, "stream.steps=100"],
+                          capture_output=True, text=True)
+    if "mallinfo2" in done.stderr:
+        pytest.skip("a glibc older than 2.33 (no mallinfo2)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0"]  # a segment-sized buffer never grows the heap, a step's does
+
+
 def test_a_diverging_stream_stops_in_one_sentence_keeping_its_checkpoint(tmp_path):
     from threefactor.stream.from_config import stream
 

@@ -20,11 +20,13 @@ def batch_accuracy(votes: Tensor, labels: Tensor) -> Tensor:
 def evaluate(
     network: nn.Module, batches: Iterable, loss: Any = "smooth_l1", burn_in: int = 0,
     device: torch.device | None = None, info: DistInfo = collective.SINGLE,
-    unpack: Callable[[Any, str], tuple[Tensor, Tensor]] | None = None,
+    unpack: Callable[[Any, str], tuple[Tensor, Tensor]] | None = None, precision: str = "fp32",
 ) -> tuple[list[float], list[float], list[float]]:
     """Per-layer accuracy, mean local loss and firing rate of ``network`` over ``batches`` of
-    ``(frames, labels)``, without learning. Under torchrun (``info``) every process takes its
-    share of each batch and the sums are added over the processes."""
+    ``(frames, labels)``, without learning, computed at ``precision`` (``predict_sequence``:
+    the precision the network trains in, so that a bf16 run is judged as it runs). Under
+    torchrun (``info``) every process takes its share of each batch and the sums are added over
+    the processes."""
     device = device if device is not None else next(network.parameters()).device
     was_training = network.training
     network.eval()
@@ -39,7 +41,7 @@ def evaluate(
         if hi == lo:
             continue
         x, y = x[lo:hi], y[lo:hi]
-        res = predict_sequence(network, x, y, burn_in, loss)
+        res = predict_sequence(network, x, y, burn_in, loss, precision)
         sums[:n] += batch_accuracy(res.votes, y).cpu().double()
         sums[n:2 * n] += res.loss.cpu().double() * len(y)
         sums[2 * n:3 * n] += res.rates.cpu().double() * len(y)

@@ -81,7 +81,7 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), device: str = "auto
         idx = torch.arange(start, min(start + size, n))
         x = data.frames[idx].to(dev, torch.float32)
         y = data.labels[idx].to(dev)
-        res = predict_sequence(network, x, y, cfg.rule.burn_in, cost)
+        res = predict_sequence(network, x, y, cfg.rule.burn_in, cost, cfg.train.precision)
         voted = res.votes.argmax(2).cpu()  # (L, B)
         for layer in range(n_layers):
             confusion[layer].index_put_((y.cpu(), voted[layer]), torch.ones(len(idx), dtype=torch.int64),
@@ -167,7 +167,8 @@ def predict_files(run: str | Path, files: list[str | Path], device: str = "auto"
     out: list[Prediction] = []
     for start in range(0, len(files), size):
         x = data.frames[start:start + size].to(dev, torch.float32)
-        votes = predict_sequence(network, x, None, cfg.rule.burn_in).votes.cpu()  # (L, B, C)
+        votes = predict_sequence(network, x, None, cfg.rule.burn_in,
+                                 precision=cfg.train.precision).votes.cpu()  # (L, B, C)
         winner = votes.argmax(2)
         share = votes.max(2).values / votes.sum(2).clamp_min(1)
         for b in range(x.shape[0]):

@@ -390,7 +390,8 @@ class _Run:
             return
         self.sync.consensus()
         acc, loss, rates = evaluate(self.network, self.test_batches, self.t.loss, self.t.burn_in,
-                                    self.device, self.info, unpack=self.unpack)
+                                    self.device, self.info, unpack=self.unpack,
+                                    precision=getattr(self.t.rule, "precision", "fp32"))
         self.st.test_accuracy, self.st.test_loss = acc, loss
         self.record(epoch, "test", acc, loss, rates)
 

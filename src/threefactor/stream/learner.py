@@ -252,7 +252,8 @@ class _Stream:
         else:
             known = bool((truth != UNLABELLED).all())
             res = predict_sequence(self.network, x, truth if known else None,
-                                   self.l.burn_in if self.state is None else 0, self.l.loss, state=self.state)
+                                   self.l.burn_in if self.state is None else 0, self.l.loss,
+                                   getattr(self.l.rule, "precision", "fp32"), state=self.state)
         self.state = res.state
         steps = x.shape[1]
         w = self.window
