@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,6 @@ def run_one(config: str, seed: int, precision: str, overrides: list[str], out: P
         row.update(reused=True, maxrss_mb=None)
     else:
         if run_dir.exists():  # an interrupted run: start it again from scratch
-            import shutil
             shutil.rmtree(run_dir)
         cmd = [sys.executable, "-m", "threefactor", "train", "--seed", str(seed), "--precision", precision,
                "--out", str(run_dir), "--set", "train.progress=false"]
