@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
             for precision in args.precisions:
                 rows.append(run_one(config, seed, precision, args.set, args.out, args.threads))
     summary = summarise(rows, args.precisions)
-    data = {"machine": H.machine_info(args.threads), "command": " ".join(["python -m benchmarks.precision", *sys.argv[1:]]), "overrides": args.set,
+    data = {"machine": H.machine_info(args.threads),
+            "command": " ".join(["python -m benchmarks.precision", *sys.argv[1:]]), "overrides": args.set,
             "rows": rows, "summary": summary}
     H.write_json(args.out / f"{args.name}.json", data)
     text = table(rows, summary, args.precisions)

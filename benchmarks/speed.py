@@ -27,7 +27,8 @@ DECOLLE step, ``ours_autograd`` the same rule through autograd (``rule.closed_fo
 the before/after of the speed work; training only, inference has one path), and
 ``ours_compiled`` the closed form through ``torch.compile`` (``rule.compile: true``; its one-off
 compile happens in the untimed warm-up), ``ours_bf16`` the default step with
-``train.precision: bf16``, ``ours_bf16_compiled`` both (bf16 with ``rule.compile: true``), and ``theirs_autocast`` the authors' step and loss under
+``train.precision: bf16``, ``ours_bf16_compiled`` both (bf16 with ``rule.compile: true``),
+and ``theirs_autocast`` the authors' step and loss under
 ``torch.autocast("cpu", torch.bfloat16)``. Every throughput is also given as a fraction of the
 bf16 peak of the same run (``fraction_of_bf16_peak``). ``--allocator`` sets the malloc policy of every
 measuring process, ours and theirs alike. Besides the
@@ -256,8 +257,8 @@ def measure(args) -> dict:
             log(f"[rep {rep + 1}] {kind}: {r.get('gflops', r.get('error'))}")
         for net, mode, batch in cells:
             for impl in args.impls:
-                if (impl in THEIRS and not theirs_ok) or (impl in ("ours_autograd", "ours_compiled", "ours_bf16_compiled",
-                                                                   "theirs_autocast") and mode == "infer"):
+                training_only = ("ours_autograd", "ours_compiled", "ours_bf16_compiled", "theirs_autocast")
+                if (impl in THEIRS and not theirs_ok) or (impl in training_only and mode == "infer"):
                     continue  # inference has one path: predict_sequence, no autograd
                 spec = {"kind": impl, "net": net, "mode": mode, "batch": batch,
                         "target_s": args.target_s, "threads": args.threads,
@@ -480,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--impls", nargs="+", default=["ours", "ours_bf16", "ours_autograd", "ours_compiled", "theirs"],
                    choices=list(IMPLS),
                    help="ours (threefactor, closed-form DECOLLE step in fp32: the default), ours_bf16 "
-                        "(the same with train.precision bf16), ours_bf16_compiled (bf16 and rule.compile=true), ours_autograd (through autograd, "
+                        "(the same with train.precision bf16), ours_bf16_compiled (bf16 and rule.compile=true), "
+                        "ours_autograd (through autograd, "
                         "rule.closed_form=false), ours_compiled (the closed form with rule.compile=true), "
                         "theirs (decolle==0.2 as shipped), theirs_autocast (theirs under "
                         "torch.autocast(cpu, bfloat16))")
