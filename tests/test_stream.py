@@ -3,6 +3,7 @@ last (checkpoints, exact resume after kill -9, bounded files), and the continual
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -17,14 +18,16 @@ from threefactor import DecolleRule, RunError, build_network, load_config, read_
 from threefactor.data.events import make_events
 from threefactor.stream.learner import StreamLearner, read_rows
 from threefactor.stream.measures import average_accuracy, forgetting, recovery_time
+from threefactor.errors import EventFileError
+from threefactor.stream.prefetch import SEGMENT_MMAP_THRESHOLD, Prefetch
 from threefactor.stream.sources import (
-    UNLABELLED, Aedat4Stream, LabelTimeline, MotionStream, Prefetch, RecordingStream, Scenario, Segment,
+    UNLABELLED, Aedat4Stream, LabelTimeline, MotionStream, RecordingStream, Scenario, Segment, Source,
 )
 
 from stall_point import wait_for_marker
 
 SMALL = ["stream.steps=1500", "stream.window_steps=500", "train.progress=false", "train.plots=false",
-         "device=cpu", "stream.min_ms=40", "stream.max_ms=80"]
+         "device=cpu", "stream.min_ms=40", "stream.max_ms=80", "rule.compile=false"]
 
 
 def _take(source, n: int) -> list[Segment]:
@@ -109,19 +112,52 @@ def test_a_label_timeline_is_read_from_csv_and_refuses_bad_rows(tmp_path):
         assert str(bad) in str(caught.value)
 
 
-def test_prefetch_gives_the_same_segments_and_passes_errors_on():
+class _Probe(Source):
+    """Segments whose label is the process that made them; the third raises ``error``."""
+
+    classes, sensor_size = ("a",), (2, 2, 2)
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def __next__(self) -> Segment:
+        if self.next_index == 2:
+            raise self.error
+        self.next_index += 1
+        return Segment(self.next_index - 1, torch.zeros(3, 2, 2, 2), os.getpid(), 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="segments are made apart where a process forks")
+def test_prefetch_makes_a_sources_segments_in_another_process_and_passes_errors_on():
     plain = _take(MotionStream(seed=5, min_ms=10, max_ms=20), 5)
+    rng = torch.get_rng_state()
     fetched = Prefetch(MotionStream(seed=5, min_ms=10, max_ms=20))
     got = _take(fetched, 5)
     fetched.close()
-    assert all(torch.equal(a.frames, b.frames) and a.label == b.label for a, b in zip(plain, got))
+    assert fetched.apart and torch.equal(torch.get_rng_state(), rng)  # the learner's random stream is untouched
+    assert all(torch.equal(a.frames, b.frames) and a.label == b.label and a.start_us == b.start_us
+               for a, b in zip(plain, got))
+    for error in (EventFileError("rec7.bin", "it is torn"), ValueError("recording 7 is torn")):
+        failing = Prefetch(_Probe(error))
+        pids = {next(failing).label for _ in range(2)}
+        assert len(pids) == 1 and os.getpid() not in pids
+        with pytest.raises(type(error), match="torn") as caught:
+            next(failing)
+        assert str(caught.value) == str(error)
+        failing.close()
+
+
+def test_prefetch_makes_other_sources_in_a_thread_and_passes_errors_on():
+    plain = _take(MotionStream(seed=5, min_ms=10, max_ms=20), 2)
 
     def broken():
-        yield plain[0]
+        yield from plain
         raise ValueError("recording 7 is torn")
 
     failing = Prefetch(broken())
-    assert next(failing).index == 0
+    assert not failing.apart
+    assert [next(failing).index for _ in range(2)] == [0, 1]
     with pytest.raises(ValueError, match="recording 7 is torn"):
         next(failing)
     failing.close()
@@ -244,38 +280,47 @@ def test_files_grow_with_windows_only_and_the_plot_is_drawn(tmp_path):
     assert all(0 <= r["judged_fraction"] <= 1 and r["steps_per_s"] > 0 for r in rows)
 
 
-MAPPED_APART = textwrap.dedent("""
-    import ctypes, sys
-    import numpy as np
-    from threefactor import load_config
-    from threefactor.stream.from_config import SEGMENT_MMAP_THRESHOLD, stream
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks "
+                                              "uordblks fordblks keepcost".split()]
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks "
-                                                  "uordblks fordblks keepcost".split()]
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = MallInfo2
-    stream(load_config("stream", sys.argv[2:]), sys.argv[1], log=lambda m: None)
-    def mappings(nbytes):  # how many mappings of its own a buffer of nbytes adds
-        before = mallinfo2().hblks
-        buffer = np.ones(nbytes // 8)
-        return mallinfo2().hblks - before
-    # malloc takes a large buffer from a free chunk of the heap where one fits, so the large one
-    # is larger than all the heap's free memory: it would have to grow the heap
-    print(mappings(mallinfo2().fordblks + 4 * SEGMENT_MMAP_THRESHOLD), mappings(SEGMENT_MMAP_THRESHOLD // 4))
-""")
+
+class _MallocProbe(Source):
+    """In the process that makes segments: how many mappings of its own a buffer larger than
+    the heap's free memory adds (as label), and one of a small buffer (as truth)."""
+
+    classes, sensor_size = ("a",), (2, 2, 2)
+
+    def __next__(self) -> Segment:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+        mallinfo2.restype = _MallInfo2
+
+        def mappings(nbytes: int) -> int:
+            before = mallinfo2().hblks
+            buffer = np.ones(nbytes // 8)  # noqa: F841 - held while counting
+            return mallinfo2().hblks - before
+
+        # malloc takes a large buffer from a free chunk of the heap where one fits, so the large
+        # one is larger than all the heap's free memory: it would have to grow the heap
+        large, small = mappings(mallinfo2().fordblks + 4 * SEGMENT_MMAP_THRESHOLD), mappings(SEGMENT_MMAP_THRESHOLD // 4)
+        return Segment(0, torch.zeros(1, 2, 2, 2), large, 0, small)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and mallinfo2 are glibc's (Linux)")
-def test_a_streams_segment_sized_buffers_are_mapped_apart_from_the_heap(tmp_path):
+def test_the_process_making_segments_maps_segment_sized_buffers_apart_from_its_heap():
     # segments of every length, each buffer sized by its length, fragment a heap they share
     # with what outlives them: only buffers of their own mapping keep the peak flat
-    done = subprocess.run([sys.executable, "-c", MAPPED_APART, str(tmp_path / "run"), *SMALL, "stream.steps=100"],
-                          capture_output=True, text=True)
-    if "mallinfo2" in done.stderr:
+    try:
+        ctypes.CDLL(None).mallinfo2
+    except AttributeError:
         pytest.skip("a glibc older than 2.33 (no mallinfo2)")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "0"]  # a segment-sized buffer never grows the heap, a step's does
+    from threefactor.run.allocator import retain_freed_memory
+
+    retain_freed_memory()  # the learner's process keeps what it frees, as training does
+    made = Prefetch(_MallocProbe())
+    probe = next(made)
+    made.close()
+    assert (probe.label, probe.truth) == (1, 0)  # a segment-sized buffer never grows the heap, a step's does
 
 
 def test_a_diverging_stream_stops_in_one_sentence_keeping_its_checkpoint(tmp_path):
@@ -323,7 +368,9 @@ KILLABLE = textwrap.dedent('''
 def test_a_stream_killed_by_sigkill_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     script = tmp_path / "stream_script.py"
     script.write_text(KILLABLE)
-    settings = [*SMALL, "stream.steps=2500", "stream.checkpoint_every_steps=400", "network.dropout=0.2"]
+    # compiled, as the preset streams: the resumed process compiles its step anew
+    settings = [*SMALL, "stream.steps=2500", "stream.checkpoint_every_steps=400", "network.dropout=0.2",
+                "rule.compile=true"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     whole = subprocess.Popen([sys.executable, str(script), str(tmp_path / "whole"), "-", "0", *settings],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

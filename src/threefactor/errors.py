@@ -18,6 +18,9 @@ class DataFileError(ValueError):
         where = self.path if self.path is not None else "<bytes>"
         super().__init__(f"cannot read {where}: {problem}.")
 
+    def __reduce__(self):  # it crosses processes (a stream's segments are made in a worker)
+        return type(self), (self.path, self.problem)
+
 
 class EventFileError(DataFileError):
     """An event file that is truncated, corrupt or not in the format it claims to be."""
@@ -41,6 +44,9 @@ class UnknownClassError(ValueError):
         super().__init__(
             f"{self.root}: class {label!r} (of {self.path}) is not one of the {len(self.classes)} "
             f"classes it was given ({shown})")
+
+    def __reduce__(self):
+        return type(self), (self.root, self.label, self.path, self.classes)
 
 
 class ConfigError(ValueError):

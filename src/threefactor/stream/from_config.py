@@ -17,14 +17,8 @@ from ..run.from_config import make_optimizer, resolve_device
 from ..run.allocator import retain_freed_memory, share_one_arena
 from ..run.directory import CHECKPOINT_NAME
 from .learner import StreamLearner, StreamObserver
+from .prefetch import SEGMENT_MMAP_THRESHOLD, runs_apart
 from .sources import Aedat4Stream, LabelTimeline, MotionStream, ParallelStreams, RecordingStream, Scenario
-
-# Allocations from this size up never grow the heap: where no free chunk of it fits, they get a
-# mapping of their own, unmapped when freed. A segment's buffers (its sampling grid and video,
-# its events, its frames) have sizes that follow its length; left on the heap among what
-# outlives a segment, segments of every length fragment it and the peak creeps up with the
-# length of the run. A step's buffers of a stream-sized network are smaller and stay retained.
-SEGMENT_MMAP_THRESHOLD = 64 * 1024
 
 # Settings a resumed stream may change: they do not change what it computes up to now.
 RESUMABLE_STREAM_CHANGES = ("device", "stream.steps", "stream.checkpoint_every_steps",
@@ -108,14 +102,19 @@ def build_stream(cfg: Config, out_dir: str | Path, log: Callable[[str], None] = 
 
 def stream(cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print, resume: bool = False,
            observers: Sequence[StreamObserver] = ()) -> dict:
-    """Learn from the stream ``cfg`` describes into ``out_dir``; returns the summary. The
-    process keeps the small buffers it frees (``allocator.retain_freed_memory``, as ``train``
-    does) but hands those of a segment's size back (``SEGMENT_MMAP_THRESHOLD``), and its threads
-    share one malloc arena (``allocator.share_one_arena``): memory stays flat however long the
-    stream runs."""
-    retain_freed_memory(mmap_threshold=SEGMENT_MMAP_THRESHOLD)
-    share_one_arena()
+    """Learn from the stream ``cfg`` describes into ``out_dir``; returns the summary.
+
+    The process keeps the buffers it frees (``allocator.retain_freed_memory``, as ``train``
+    does). Where the segments are made in this process (a live camera, an AEDAT4 file: see
+    ``stream.prefetch``), it hands those of a segment's size back (``SEGMENT_MMAP_THRESHOLD``)
+    and its threads share one malloc arena (``allocator.share_one_arena``), so that memory
+    stays flat however long the stream runs."""
     if resume and not (Path(out_dir) / CHECKPOINT_NAME).exists():
         raise RunError(f"{out_dir}: no stream to resume there")
     learner, source = build_stream(cfg, out_dir, log, observers)
+    if runs_apart(source):
+        retain_freed_memory()
+    else:
+        retain_freed_memory(mmap_threshold=SEGMENT_MMAP_THRESHOLD)
+        share_one_arena()
     return learner.run(source, cfg.stream.steps, resume=resume)

@@ -37,7 +37,8 @@ from ..run.checkpoint import checkpoint_bytes, parse_checkpoint, write_checkpoin
 from ..run.directory import CHECKPOINT_NAME, RunDirectory
 from ..run.divergence import DivergenceGuard, nonfinite_problem
 from ..run.progress import rng_states, set_rng_states
-from .sources import UNLABELLED, Prefetch, Segment
+from .prefetch import Prefetch
+from .sources import UNLABELLED, Segment
 
 METRICS_NAME = "stream.jsonl"
 
@@ -204,6 +205,9 @@ class _Stream:
                     seg = next(source)
                 except StopIteration:
                     break
+                except (ValueError, OSError) as err:  # a torn recording, a missing file
+                    raise RunError(f"the stream stopped at segment {self.segment} (step {self.step}): "
+                                   f"{str(err).rstrip('.')}; the last checkpoint is kept in {self.ckpt}") from None
                 t_seg = time.perf_counter()
                 self.learn_from(seg)
                 self.window.wall_s += time.perf_counter() - t_seg

@@ -25,8 +25,6 @@ import csv
 import hashlib
 import math
 import os
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -65,6 +63,7 @@ class Source:
     at any segment (the segment's start in stream time given), so a stream resumes exactly."""
 
     dt_us = 1000
+    runs_apart = True  # it can be made in another process (``stream.prefetch``)
 
     def __init__(self) -> None:
         self.next_index = 0
@@ -245,6 +244,8 @@ class Aedat4Stream:
     ``segment_ms``; a live camera's label comes from ``labels`` (stream time since its first
     event) or from ``label_fn(start_us)``, called at every segment (e.g. reading a key)."""
 
+    runs_apart = False  # a live device, or a reader that stays in this process
+
     def __init__(self, path: str | os.PathLike | None = None, *, camera: bool = False,
                  classes: Sequence[str] = (), labels: LabelTimeline = LabelTimeline(),
                  label_fn: Callable[[int], int] | None = None, dt_us: int = 1000,
@@ -348,6 +349,7 @@ class ParallelStreams:
         first = self.sources[0]
         self.classes, self.sensor_size = first.classes, first.sensor_size
         self.dt_us = getattr(first, "dt_us", 1000)
+        self.runs_apart = all(getattr(s, "runs_apart", False) for s in self.sources)
         self.next_index = 0
 
     def seek(self, segment: int, start_us: int) -> None:
@@ -368,53 +370,3 @@ class ParallelStreams:
         return Segment(parts[0].index, torch.stack([p.frames for p in parts]),
                        torch.tensor([p.label for p in parts]), parts[0].start_us,
                        torch.tensor([p.truth for p in parts]))
-
-
-class Prefetch:
-    """The segments of ``source`` made ``depth`` ahead in a background thread (generating and
-    binning overlap with learning); the same segments in the same order. An error in the source
-    is raised here, at the segment where it happened."""
-
-    _END = object()
-
-    def __init__(self, source: Iterator[Segment], depth: int = 2) -> None:
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._fill, args=(source,), daemon=True)
-        self.thread.start()
-
-    def _fill(self, source: Iterator[Segment]) -> None:
-        try:
-            for segment in source:
-                while not self.stopping.is_set():
-                    try:
-                        self.queue.put(segment, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stopping.is_set():
-                    return
-            item = self._END
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            item = err
-        while not self.stopping.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self) -> "Prefetch":
-        return self
-
-    def __next__(self) -> Segment:
-        item = self.queue.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
