@@ -317,6 +317,41 @@ def test_compiled_closed_form_is_the_eager_closed_form(variant):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+def test_a_compiled_step_applies_the_lean_adamax_update_in_its_own_graph():
+    """With the lean Adamax the compiled step updates the weights itself (no ``step`` call), to
+    the weights and optimiser state of the same compiled step followed by torch's Adamax, also
+    after a learning rate changes; a step hook makes it call ``step`` again."""
+    net, opt, twin, _ = _pair(_cfg("fast_sigmoid", dropout=0.3))
+    net.float(), twin.float()
+    twin_opt = torch.optim.Adamax(twin.parameters(), lr=0.01, betas=(0.0, 0.95), foreach=True)
+    stepped = []
+    step = opt.step
+    opt.step = lambda *a, **k: (stepped.append(1), step(*a, **k))[1]
+    fused = DecolleRule(net, opt, "smooth_l1", burn_in=1, compile=True)
+    plain = DecolleRule(twin, twin_opt, "smooth_l1", burn_in=1, compile=True)
+    for seq in range(3):
+        if seq == 2:
+            opt.param_groups[0]["lr"] = twin_opt.param_groups[0]["lr"] = 0.004
+        x, labels = _inputs(6, seed=seq)
+        torch.manual_seed(seq)
+        a = fused.train_sequence(x.float(), labels)
+        torch.manual_seed(seq)
+        b = plain.train_sequence(x.float(), labels)
+        assert torch.equal(a.votes, b.votes)
+        for p, q in zip(net.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not stepped and fused._compiled not in (None, False)
+    mine, torchs = opt.state_dict()["state"], twin_opt.state_dict()["state"]
+    for k in mine:
+        assert mine[k]["step"] == torchs[k]["step"] == 15  # 3 sequences of 6 steps, 1 of burn-in
+        torch.testing.assert_close(mine[k]["exp_inf"], torchs[k]["exp_inf"], rtol=1e-5, atol=1e-7)
+        assert torch.equal(mine[k]["exp_avg"], list(net.parameters())[k].grad)
+    opt.register_step_post_hook(lambda *args: None)
+    x, labels = _inputs(3)
+    fused.train_sequence(x.float(), labels)
+    assert len(stepped) == 2  # the steps after the burn-in, each through step() and its hooks
+
+
 def test_compile_failure_falls_back_to_the_eager_closed_form(monkeypatch):
     """No C++ compiler, an inductor bug: one warning, and training goes on, exactly as eager."""
 

@@ -152,6 +152,7 @@ class DecolleRule:
         """
         net = self.network
         eager = [None] * len(net.layers)  # draws and matched readouts: the math makes them
+        update = None  # the optimiser's step, where the compiled math applies it
         if state is not None and self.compile and self._compiled is not False:
             # Made outside the compiled code: the dropout draws from the eager random stream
             # (inductor's own would differ), G and H matched to the spikes' memory order (their
@@ -162,32 +163,43 @@ class DecolleRule:
             # x[:, t] has a batch stride that depends on T; a guard on it would recompile for
             # every sequence length
             x = x.clone(memory_format=torch.contiguous_format)
+            fusable = getattr(self.optimizer, "fused_update", None)
+            update = fusable(self._learned_parameters()) if fusable is not None else None
             try:
-                outs = self._compiled_math()(x, state, labels, target, rands, matched)
+                outs = self._compiled_math()(x, state, labels, target, rands, matched, update)
             except Exception as err:  # noqa: BLE001 - a compiler failure falls back to eager
                 self._compiled = False
                 first = str(err).splitlines()[0] if str(err) else ""
                 warnings.warn(f"rule.compile: torch.compile failed ({type(err).__name__}: {first}); "
                               "training continues with the eager closed form",
                               RuntimeWarning, stacklevel=3)
+                update = None
                 outs = self._closed_form_math(x, state, labels, target, rands, matched)
         else:
             outs = self._closed_form_math(x, state, labels, target, eager, eager)
         new_state, readouts, losses, spikes, grads = outs
-        for layer, (gw, gb) in zip(net.layers, grads):
-            syn = layer.synapse
-            syn.weight.grad = gw
-            if syn.bias is not None:
-                syn.bias.grad = gb
-        self.optimizer.step()
+        if update is not None:
+            self.optimizer.fused_step_done(self._learned_parameters(), _present(grads))
+        else:
+            for layer, (gw, gb) in zip(net.layers, grads):
+                syn = layer.synapse
+                syn.weight.grad = gw
+                if syn.bias is not None:
+                    syn.bias.grad = gb
+            self.optimizer.step()
         return tuple(readouts), torch.stack(losses), tuple(spikes), tuple(new_state)
+
+    def _learned_parameters(self) -> list[Tensor]:
+        """The synapses' weights and biases, in the order of ``_closed_form_math``'s gradients."""
+        return [p for layer in self.network.layers for p in (layer.synapse.weight, layer.synapse.bias)
+                if p is not None]
 
     def _compiled_math(self):
         if self._compiled is None:
             self._compiled = torch.compile(self._closed_form_math, options={"layout_optimization": False})
         return self._compiled
 
-    def _closed_form_math(self, x, state, labels, target, rands, matched):
+    def _closed_form_math(self, x, state, labels, target, rands, matched, update=None):
         """Every layer's forward and Eq. 7, with no side effects: the same forward as
         ``DecolleNetwork.forward`` (same arithmetic, same dropout draws; ``rands`` are those
         draws when given), then per layer: dL/dY of its loss, dL/dS = dL/dY H (times the dropout
@@ -197,6 +209,8 @@ class DecolleRule:
         ``tests/test_closed_form.py`` checks that the weights follow the autograd path step for
         step. In bf16 only the synapse's forward and weight gradient take bf16 inputs (P, the
         weight and bias, dL/dU), as autocast would give them; their results return to fp32.
+        ``update`` (an optimiser's ``FusedUpdate``): apply it to the weights here, inside the
+        compiled graph, instead of leaving the step to the optimiser.
         """
         net = self.network
         low = None if self.compute_dtype == torch.float32 else self.compute_dtype
@@ -258,7 +272,14 @@ class DecolleRule:
                 gb = grad_u.sum(0) if syn.bias is not None else None
             grads.append((gw, gb))
             x = s
+        if update is not None:
+            update.update(self._learned_parameters(), _present(grads), *update.state)
         return new_state, readouts, losses, spikes, grads
+
+
+def _present(grads: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
+    """The weight and bias gradients of every layer, in one list (no bias: none)."""
+    return [g for pair in grads for g in pair if g is not None]
 
 
 def _synapse_forward(syn: torch.nn.Linear | torch.nn.Conv2d, p: Tensor, w: Tensor) -> Tensor:
