@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"{r['steps']:>9} steps: peak RSS {r['peak_rss_mb']:.1f} MB (segment worker "
               f"{_mb(r['segment_worker_peak_rss_mb'])}), {r['steps_per_s']:.0f} steps/s "
-              f"(learner {r['learner_steps_per_s']:.0f}, after its first window {_n(r.get('steady_steps_per_s'))}), x{r['realtime_factor']:.2f} real time, "
+              f"(learner {r['learner_steps_per_s']:.0f}, after its first window {_n(r.get('steady_steps_per_s'))}), "
+              f"x{r['realtime_factor']:.2f} real time, "
               f"{r['wall_s']:.0f} s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"threads": args.threads, "overrides": args.set, "command": " ".join(sys.argv)}

@@ -302,7 +302,8 @@ class _MallocProbe(Source):
 
         # malloc takes a large buffer from a free chunk of the heap where one fits, so the large
         # one is larger than all the heap's free memory: it would have to grow the heap
-        large, small = mappings(mallinfo2().fordblks + 4 * SEGMENT_MMAP_THRESHOLD), mappings(SEGMENT_MMAP_THRESHOLD // 4)
+        large = mappings(mallinfo2().fordblks + 4 * SEGMENT_MMAP_THRESHOLD)
+        small = mappings(SEGMENT_MMAP_THRESHOLD // 4)
         return Segment(0, torch.zeros(1, 2, 2, 2), large, 0, small)
 
 
@@ -321,6 +322,23 @@ def test_the_process_making_segments_maps_segment_sized_buffers_apart_from_its_h
     probe = next(made)
     made.close()
     assert (probe.label, probe.truth) == (1, 0)  # a segment-sized buffer never grows the heap, a step's does
+
+
+class _TornAfter(MotionStream):
+    """A motion stream whose third segment comes from a recording that cannot be read."""
+
+    def __next__(self) -> Segment:
+        if self.next_index == 2:
+            raise EventFileError("rec7.bin", "it is torn")
+        return super().__next__()
+
+
+def test_a_torn_recording_stops_the_stream_in_one_sentence_keeping_its_checkpoint(tmp_path):
+    learner = _learner(tmp_path / "run")
+    with pytest.raises(RunError, match=r"^the stream stopped at segment 2 \(step \d+\): cannot read rec7\.bin: it is "
+                                       r"torn; the last checkpoint is kept in \S+checkpoint\.pt$"):
+        learner.run(_TornAfter(seed=1, min_ms=20, max_ms=30, downsample=2), None)
+    assert "stream" in read_checkpoint(tmp_path / "run")
 
 
 def test_a_diverging_stream_stops_in_one_sentence_keeping_its_checkpoint(tmp_path):

@@ -75,8 +75,8 @@ class Adamax(torch.optim.Adamax):
         ``FusedUpdate`` of ``adamax_update``, where that is the whole step: beta1 = 0, no weight
         decay, nothing ``step`` hands to torch's own, no step hooks on this optimiser (a
         parameter without state gets it, as a first step makes it). None otherwise: then call
-        ``step``. (Hooks registered for all optimisers, through torch's global registration, are not
-        run for a fused step.)"""
+        ``step``. (Hooks registered for all optimisers, through torch's global registration,
+        are not run for a fused step.)"""
         if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
             return None
         where = {id(p): (i, g) for i, g in enumerate(self.param_groups) for p in g["params"]}

@@ -8,8 +8,8 @@ and parallel streams of them; not a live camera or a user's callback) is made in
 process of torch's ``DataLoader``. In a thread of the learning process, making segments would
 compete for Python's interpreter lock with the learner, whose batch-1 step is a few hundred
 small operations that each release and take it again: the learner then waits at nearly every
-operation, and the stream runs slower than making and learning one after the other
-(docs/stream.md). Other sources are made in a background thread.
+operation (docs/stream.md measures the two designs side by side). Other sources are made in a
+background thread.
 
 The worker process keeps the segment-sized buffers it makes apart from its heap
 (``SEGMENT_MMAP_THRESHOLD``), so its memory stays flat however long the stream runs; it draws
