@@ -58,6 +58,7 @@ class Until:
     def __init__(self, source, end: int) -> None:
         self.source, self.end = source, end
         self.dt_us = getattr(source, "dt_us", 1000)
+        self.runs_apart = getattr(source, "runs_apart", False)  # made in a worker process as it would be
         self.classes, self.sensor_size = source.classes, source.sensor_size
 
     def seek(self, segment: int, start_us: int) -> None:
