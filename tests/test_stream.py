@@ -341,6 +341,21 @@ def test_a_torn_recording_stops_the_stream_in_one_sentence_keeping_its_checkpoin
     assert "stream" in read_checkpoint(tmp_path / "run")
 
 
+def test_a_dataset_stream_plays_every_recording_once_per_pass_through_the_worker_process(tmp_path):
+    from threefactor.stream.from_config import make_source, stream
+
+    overrides = [*SMALL, "stream.source=dataset", "data.n_train=12", "stream.passes=2",
+                 "stream.steps=null", "stream.window_steps=100"]
+    cfg = load_config("stream", overrides)
+    source = make_source(cfg)
+    assert Prefetch(source).apart  # the recordings are read in the worker process
+    expected = _take(make_source(cfg), 24)
+    summary = stream(cfg, tmp_path / "run", log=lambda m: None)
+    assert summary["segments"] == 24  # 2 passes over 12 recordings, then the source ends
+    assert summary["steps"] == sum(len(s.frames) for s in expected)
+    assert sum(r["learned_fraction"] * r["steps"] for r in read_rows(tmp_path / "run")) > 0
+
+
 def test_a_diverging_stream_stops_in_one_sentence_keeping_its_checkpoint(tmp_path):
     from threefactor.stream.from_config import stream
 

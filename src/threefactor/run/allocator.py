@@ -40,9 +40,9 @@ def _mallopt():
 
 def share_one_arena() -> bool:
     """Make threads started from now on allocate from the main malloc arena; True where it took
-    effect. A stream's prefetch thread makes every segment's frames: in an arena of its own,
-    segments of every length fragment that arena and the process's memory creeps up over hours
-    (``benchmarks.stream_memory``)."""
+    effect. A stream whose segments are made in a thread (a camera, an AEDAT4 file:
+    ``stream.prefetch``) gives that thread the main arena, where its segment-sized buffers are
+    mapped apart (``SEGMENT_MMAP_THRESHOLD``) instead of fragmenting an arena of its own."""
     mallopt = _mallopt()
     return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
 
