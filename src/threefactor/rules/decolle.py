@@ -200,7 +200,7 @@ class DecolleRule:
         return self._compiled
 
     def _closed_form_math(self, x, state, labels, target, rands, matched, update=None):
-        """Every layer's forward and Eq. 7, with no side effects: the same forward as
+        """Every layer's forward and Eq. 7, with no side effects but ``update``: the same forward as
         ``DecolleNetwork.forward`` (same arithmetic, same dropout draws; ``rands`` are those
         draws when given), then per layer: dL/dY of its loss, dL/dS = dL/dY H (times the dropout
         mask), dL/dU = dL/dS sigma'(U) (+ the regularisers' dL/dU), routed back through the

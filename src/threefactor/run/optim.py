@@ -74,7 +74,8 @@ class Adamax(torch.optim.Adamax):
         """This optimiser's next step of ``params`` (all of them with a gradient this step) as a
         ``FusedUpdate`` of ``adamax_update``, where that is the whole step: beta1 = 0, no weight
         decay, nothing ``step`` hands to torch's own, no step hooks on this optimiser (a
-        parameter without state gets it, as a first step makes it). None otherwise: then call
+        data-parallel run averages gradients in one: ``run.collective``); a parameter without
+        state gets it, as a first step makes it. None otherwise: then call
         ``step``. (Hooks registered for all optimisers, through torch's global registration,
         are not run for a fused step.)"""
         if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
