@@ -164,7 +164,8 @@ class DecolleRule:
             # every sequence length
             x = x.clone(memory_format=torch.contiguous_format)
             fusable = getattr(self.optimizer, "fused_update", None)
-            update = fusable(self._learned_parameters()) if fusable is not None else None
+            learned = self._learned_parameters()
+            update = fusable(learned) if fusable is not None else None
             try:
                 outs = self._compiled_math()(x, state, labels, target, rands, matched, update)
             except Exception as err:  # noqa: BLE001 - a compiler failure falls back to eager
@@ -179,7 +180,7 @@ class DecolleRule:
             outs = self._closed_form_math(x, state, labels, target, eager, eager)
         new_state, readouts, losses, spikes, grads = outs
         if update is not None:
-            self.optimizer.fused_step_done(self._learned_parameters(), _present(grads))
+            self.optimizer.fused_step_done(learned, _present(grads))
         else:
             for layer, (gw, gb) in zip(net.layers, grads):
                 syn = layer.synapse
