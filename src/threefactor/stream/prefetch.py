@@ -120,23 +120,22 @@ class _InThread:
     def _fill(self, source: Iterator[Segment]) -> None:
         try:
             for segment in source:
-                while not self.stopping.is_set():
-                    try:
-                        self.queue.put(segment, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stopping.is_set():
+                if not self._put(segment):
                     return
             item = self._END
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             item = err
+        self._put(item)
+
+    def _put(self, item: object) -> bool:
+        """Hand ``item`` to the consumer; False once it has stopped listening."""
         while not self.stopping.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def __next__(self) -> Segment:
         item = self.queue.get()
